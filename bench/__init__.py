@@ -1,0 +1,1 @@
+"""longcot.bench: kernel microbenchmarks and end-to-end benchmarks (tables + JSON)."""

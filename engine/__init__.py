@@ -1,0 +1,1 @@
+"""longcot.engine: the RL engine (configuration, rollouts, rewards, algorithms, trainer, CLI)."""

@@ -1,0 +1,43 @@
+"""longcot.kernels: the per-token math of an RL step, one op per module.
+
+Every op has a plain PyTorch reference (``<op>_reference``) beside its fast paths and dispatches by
+device; ``LONGCOT_KERNELS=reference|cpu|triton`` forces a path (see ``_backend``).
+"""
+
+from ._backend import BACKENDS, has_cpu_extension, requested_backend
+from .gae import gae, gae_reference
+from .kl import ESTIMATORS, kl_penalty, kl_penalty_reference
+from .linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
+from .logprobs import token_logprobs, token_logprobs_reference
+from .ppo_loss import AGGREGATIONS, ppo_policy_loss, ppo_policy_loss_reference
+from .repetition import (
+    repetition_mask,
+    repetition_mask_reference,
+    repetition_ratio,
+    repetition_ratio_reference,
+)
+from .returns import discounted_returns, discounted_returns_reference
+
+__all__ = [
+    "AGGREGATIONS",
+    "BACKENDS",
+    "ESTIMATORS",
+    "discounted_returns",
+    "discounted_returns_reference",
+    "gae",
+    "gae_reference",
+    "has_cpu_extension",
+    "kl_penalty",
+    "kl_penalty_reference",
+    "linear_token_logprobs",
+    "linear_token_logprobs_reference",
+    "ppo_policy_loss",
+    "ppo_policy_loss_reference",
+    "repetition_mask",
+    "repetition_mask_reference",
+    "repetition_ratio",
+    "repetition_ratio_reference",
+    "requested_backend",
+    "token_logprobs",
+    "token_logprobs_reference",
+]

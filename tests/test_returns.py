@@ -1,0 +1,76 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import longcot.kernels as K
+from conftest import kernels_backend
+
+
+def returns_cpu(*args):
+    with kernels_backend("cpu"):
+        return K.discounted_returns(*args)
+
+
+def test_reference_hand_case():
+    # One row, T = 3, two channels: sparse reward 1 at the last token (gamma 1), dense -0.5 at
+    # t = 0 and t = 1 (gamma 0.5); the last position is padding and is ignored.
+    rewards = torch.tensor([[[0.0, -0.5], [0.0, -0.5], [1.0, 0.0], [7.0, 7.0]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = K.discounted_returns_reference(rewards, mask, [1.0, 0.5])
+    # channel 0: [1, 1, 1, 0]; channel 1: t1 = -0.5, t0 = -0.5 + 0.5 * -0.5 = -0.75.
+    assert out.tolist() == [[1.0 - 0.75, 1.0 - 0.5, 1.0, 0.0]]
+
+
+def test_gamma_zero_is_the_masked_reward_sum():
+    rewards = torch.randn(3, 5, 2)
+    mask = torch.rand(3, 5) > 0.3
+    expected = (rewards * mask.unsqueeze(-1)).sum(-1)
+    torch.testing.assert_close(K.discounted_returns(rewards, mask, [0.0, 0.0]), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+def test_cpu_matches_reference(dtype, mask_dtype):
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.randn(7, 300, 3, generator=gen).to(dtype)
+    lengths = torch.randint(0, 301, (7,), generator=gen)
+    mask = (torch.arange(300)[None] < lengths[:, None]).to(mask_dtype)
+    gammas = [1.0, 0.99, 0.5]
+    expected = K.discounted_returns_reference(rewards, mask, gammas)
+    got = returns_cpu(rewards, mask, gammas)
+    assert got.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@given(
+    batch=st.integers(1, 4),
+    steps=st.integers(1, 30),
+    gammas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_matches_reference_random(batch, steps, gammas, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(batch, steps, len(gammas), generator=gen)
+    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    mask[0] = False  # a fully masked row
+    expected = K.discounted_returns_reference(rewards, mask, gammas)
+    torch.testing.assert_close(returns_cpu(rewards, mask, gammas), expected, rtol=1e-6, atol=1e-6)
+    assert (expected[0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "rewards, mask, gammas, match",
+    [
+        (torch.zeros(2, 3), torch.ones(2, 3), [1.0], "rewards: expected 3 dimensions"),
+        (torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(2, 3), [1.0], "rewards: expected a floating"),
+        (torch.zeros(2, 3, 1), torch.ones(2, 4), [1.0], r"mask: expected shape \(2, 3\)"),
+        (torch.zeros(2, 3, 2), torch.ones(2, 3), [1.0], "gammas: expected one discount per reward channel"),
+        (torch.zeros(2, 3, 1), torch.ones(2, 3), [1.5], r"gammas\[0\]: expected a number in \[0, 1\]"),
+        (torch.zeros(2, 3, 1), torch.ones(2, 3), 0.9, "gammas: expected a sequence"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_input(rewards, mask, gammas, match, backend):
+    with kernels_backend(backend), pytest.raises(ValueError, match=match):
+        K.discounted_returns(rewards, mask, gammas)
