@@ -14,12 +14,51 @@ def _bench(args: argparse.Namespace) -> int:
     raise AssertionError(args.suite)  # argparse restricts the choices
 
 
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _load(args)  # config errors before the heavy imports
+    from .trainer import Trainer
+
+    Trainer(config).fit()
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from .sft import sft_main
+
+    sft_main(config)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", default=None, help="a YAML config (default: the built-in job)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcot",
         description="Kernel-accelerated RL for long chain-of-thought reasoning.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train", help="SFT warm start, then RL (PPO by default) with the paper's rewards",
+        description="Runs the configured job; with no arguments, the built-in addition task on a "
+                    "tiny model (a few minutes on a laptop CPU).",
+    )
+    _add_config_args(train)
+    train.set_defaults(func=_train)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning only (prompt/response data)")
+    _add_config_args(sft)
+    sft.set_defaults(func=_sft)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
     bench.add_argument("suite", choices=["kernels"], help="kernels: per-op microbenchmarks")
@@ -34,8 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .models import ModelError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError) as exc:
+        # Bad input: one line naming the key, file or path, exit 2, no traceback.
+        print(f"longcot: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

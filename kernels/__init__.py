@@ -17,6 +17,7 @@ from .repetition import (
     repetition_ratio_reference,
 )
 from .returns import discounted_returns, discounted_returns_reference
+from .token_rewards import token_rewards, token_rewards_reference
 
 __all__ = [
     "AGGREGATIONS",
@@ -40,4 +41,6 @@ __all__ = [
     "requested_backend",
     "token_logprobs",
     "token_logprobs_reference",
+    "token_rewards",
+    "token_rewards_reference",
 ]

@@ -1,0 +1,115 @@
+"""Advantage estimators, registered by name: adding one is one function, not a new trainer.
+
+Every estimator takes the per-token, per-channel rewards of a batch (sparse rewards already at
+the last token, dense ones in place, the KL share subtracted when KL is in the reward) and
+returns (advantages [B, T], returns [B, T] or None); only "gae" uses a critic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from longcot.kernels import discounted_returns, gae
+
+EPS = 1e-6
+
+
+@dataclass
+class AdvantageInputs:
+    rewards: torch.Tensor  # [B, T, C]
+    mask: torch.Tensor  # bool [B, T]
+    gammas: list[float]  # one per channel
+    lam: float
+    group: torch.Tensor  # LongTensor [B]: the prompt each response answers
+    values: torch.Tensor | None = None  # [B, T] critic values (gae only)
+
+
+Estimator = Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
+ESTIMATORS: dict[str, Estimator] = {}
+NEEDS_CRITIC: set[str] = set()
+
+
+def register_advantage(name: str, critic: bool = False) -> Callable[[Estimator], Estimator]:
+    def wrap(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        if critic:
+            NEEDS_CRITIC.add(name)
+        return fn
+
+    return wrap
+
+
+def get_advantage(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"algorithm.name: unknown estimator {name!r} (known: {', '.join(sorted(ESTIMATORS))})")
+    return ESTIMATORS[name]
+
+
+@register_advantage("gae", critic=True)
+def gae_multi_gamma(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's GAE. With one gamma for all channels the channels are summed first; with several
+    (the paper's correctness 1.0 / repetition 0.99) lambda must be 1, where GAE is the
+    multi-gamma return minus the value."""
+    if x.values is None:
+        raise ValueError("values: the gae estimator needs critic values")
+    values = x.values * x.mask
+    if len(set(x.gammas)) == 1:
+        return gae(x.rewards.sum(-1), values, x.mask, x.gammas[0], x.lam)
+    if x.lam != 1.0:
+        raise ValueError(
+            f"algorithm.lam: reward channels with different gammas ({x.gammas}) need lam = 1, got {x.lam}"
+        )
+    returns = discounted_returns(x.rewards, x.mask, x.gammas)
+    return (returns - values) * x.mask, returns
+
+
+def _group_stats(score: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-response mean, std and size of its group's scores."""
+    groups = int(group.max()) + 1
+    count = torch.zeros(groups).index_add_(0, group, torch.ones_like(score))
+    total = torch.zeros(groups).index_add_(0, group, score)
+    mean = total / count
+    var = torch.zeros(groups).index_add_(0, group, (score - mean[group]) ** 2) / count
+    return mean[group], var.sqrt()[group], count[group]
+
+
+@register_advantage("grpo")
+def grpo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """Group-normalised returns: (G_t - mean_group(G_0)) / std_group(G_0). With one sparse
+    channel and gamma 1 this is GRPO's outcome advantage; a dense channel keeps its per-token
+    shape on top."""
+    returns = discounted_returns(x.rewards, x.mask, x.gammas)
+    score = returns[:, 0]
+    mean, std, _ = _group_stats(score, x.group)
+    return (returns - mean[:, None]) / (std[:, None] + EPS) * x.mask, None
+
+
+@register_advantage("rloo")
+def rloo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """REINFORCE leave-one-out: the baseline of a response is the mean score of the others."""
+    returns = discounted_returns(x.rewards, x.mask, x.gammas)
+    score = returns[:, 0]
+    mean, _, count = _group_stats(score, x.group)
+    others = (mean * count - score) / (count - 1).clamp_min(1)
+    return (returns - others[:, None]) * x.mask, None
+
+
+@register_advantage("reinforce++")
+def reinforce_pp(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """REINFORCE++: token-level returns normalised over all valid tokens of the batch."""
+    returns = discounted_returns(x.rewards, x.mask, x.gammas)
+    valid = returns[x.mask]
+    if valid.numel() < 2:
+        return returns * x.mask, None
+    return (returns - valid.mean()) / (valid.std() + EPS) * x.mask, None
+
+
+def normalize(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whiten advantages over the batch's valid tokens (PPO's usual normalisation)."""
+    valid = advantages[mask]
+    if valid.numel() < 2:
+        return advantages
+    return (advantages - valid.mean()) / (valid.std() + EPS) * mask

@@ -1,0 +1,102 @@
+"""Supervised fine-tuning on prompt/response pairs: the long-CoT warm start before RL.
+
+The loss is the mean negative log-likelihood of the response tokens (end-of-sequence included);
+prompt tokens are context only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import SFTConfig
+from .policy_forward import response_logprobs, sequence_batch
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pad_responses(responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    tokens = torch.full((len(responses), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, r in enumerate(responses):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return tokens, lengths
+
+
+def run_sft(
+    model: torch.nn.Module,
+    examples: list[tuple[list[int], list[int]]],
+    cfg: SFTConfig,
+    pad_id: int,
+    seed: int,
+    progress: bool = True,
+    on_step=None,
+) -> dict[str, float]:
+    """Train ``model`` in place on (prompt ids, response ids + eos) pairs; returns a summary."""
+    if not examples:
+        raise ValueError("sft: no training examples")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start, loss_value, step = time.perf_counter(), float("nan"), 0
+    bar = tqdm(total=cfg.steps, desc="sft", disable=not progress, dynamic_ncols=True)
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen).tolist()
+        prompts = [examples[i][0] for i in idx]
+        tokens, lengths = pad_responses([examples[i][1] for i in idx], pad_id)
+        sb = sequence_batch(prompts, tokens, lengths, pad_id)
+        logp, _ = response_logprobs(model, sb, temperature=1.0)
+        loss = -logp.sum() / sb.mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step({"phase": "sft", "step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0]})
+        if cfg.seconds is not None and time.perf_counter() - start > cfg.seconds:
+            break
+    bar.close()
+    model.eval()
+    return {"sft_steps": step, "sft_loss": loss_value, "sft_seconds": time.perf_counter() - start}
+
+
+def sft_main(cfg) -> dict[str, float]:
+    """`longcot sft`: the SFT stage alone on the configured data; saves the model to final/."""
+    import json
+
+    from .models import save_model
+    from .trainer import new_run_dir, setup_task
+
+    run_dir = new_run_dir(cfg.output_dir, cfg.seed)
+    print(f"longcot: run folder {run_dir}", flush=True)
+    torch.manual_seed(cfg.seed)
+    setup = setup_task(cfg)
+    if not setup.sft_examples:
+        raise ValueError("data.sft_path: no SFT examples (set data.sft_path, or use data.task=addition)")
+    tok = setup.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lines = []
+    summary = run_sft(setup.policy, setup.sft_examples, cfg.sft, pad, cfg.seed, cfg.logging.progress, lines.append)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    save_model(setup.policy, tok, run_dir / "final")
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"longcot: SFT done ({summary['sft_steps']} steps, loss {summary['sft_loss']:.3f}); "
+          f"model in {run_dir / 'final'}", flush=True)
+    return summary

@@ -1,0 +1,395 @@
+"""The RL trainer. One step, top to bottom:
+
+    rollout -> score -> experience -> token rewards -> advantages -> update -> sync
+
+`Trainer(config).fit()` runs what `longcot train` runs: set up the task and models, an optional
+SFT warm start, held-out evaluation of the initial policy, RL steps, a final evaluation, and the
+run folder's outputs (metrics.jsonl, plots, summary.json, final/).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from longcot.kernels import (
+    kl_penalty,
+    ppo_policy_loss,
+    repetition_mask,
+    repetition_ratio,
+    token_rewards,
+)
+
+from .algorithms import (
+    NEEDS_CRITIC,
+    AdvantageInputs,
+    KLController,
+    get_advantage,
+    normalize,
+    value_loss,
+)
+from .config import TrainConfig, dump_config
+from .data import addition
+from .data.datasets import apply_template, load_prompt_records, load_sft_records
+from .evaluate import greedy_accuracy
+from .metrics import MetricsLogger, reflection_counts, save_plots
+from .models import ValueModel, build_char_tokenizer, build_tiny_model, load_policy, save_model
+from .policy_forward import (
+    SequenceBatch,
+    response_logprobs,
+    response_values,
+    select_rows,
+    sequence_batch,
+)
+from .rewards import RewardChannel, score_responses
+from .rollout import HFGenerator, Rollout, response_texts
+from .sft import run_sft
+
+# algorithm.name -> advantage estimator
+ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce++": "reinforce++", "rloo": "rloo"}
+
+
+@dataclass
+class Prompts:
+    ids: list[list[int]]
+    answers: list[str]
+
+
+@dataclass
+class Setup:
+    policy: torch.nn.Module
+    tokenizer: Any
+    train: Prompts
+    heldout: Prompts
+    sft_examples: list[tuple[list[int], list[int]]]
+    skipped_prompts: int
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    sb: SequenceBatch
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor | None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def setup_task(cfg: TrainConfig) -> Setup:
+    """The policy, its tokenizer, and train/held-out prompts (plus SFT pairs) for the config."""
+    data = cfg.data
+    if cfg.model.path is None:
+        if data.task != "addition":
+            raise ValueError("model.path: required unless data.task is 'addition' (the built-in tiny model)")
+        tokenizer = build_char_tokenizer(addition.CHARSET)
+        t = cfg.model.tiny
+        policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
+    else:
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        policy, tokenizer = load_policy(cfg.model.path, dtype=dtype)
+    eos = tokenizer.eos_token_id
+
+    if data.task == "addition":
+        a = data.addition
+        task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed)
+        train = Prompts([_encode(tokenizer, p.prompt) for p in task.train], [p.answer for p in task.train])
+        held = task.heldout[: cfg.eval_size]
+        heldout = Prompts([_encode(tokenizer, p.prompt) for p in held], [p.answer for p in held])
+        sft = [(_encode(tokenizer, p.prompt), _encode(tokenizer, p.demonstration) + [eos]) for p in task.train]
+        return Setup(policy, tokenizer, train, heldout, sft, 0)
+
+    skipped = 0
+
+    def prompts_from(path: str) -> Prompts:
+        nonlocal skipped
+        out = Prompts([], [])
+        for rec in load_prompt_records(path, data.question_field, data.answer_field):
+            ids = _encode(tokenizer, apply_template(rec.question, data.template, tokenizer, data.chat_template))
+            if len(ids) > data.max_prompt_tokens:
+                skipped += 1
+                continue
+            out.ids.append(ids)
+            out.answers.append(rec.answer)
+        return out
+
+    train = prompts_from(data.path)
+    if data.heldout_path:
+        heldout = prompts_from(data.heldout_path)
+    else:  # hold out the tail of the training prompts
+        k = min(cfg.eval_size, max(1, len(train.ids) // 10))
+        heldout = Prompts(train.ids[-k:], train.answers[-k:])
+        train = Prompts(train.ids[:-k], train.answers[:-k])
+    if not train.ids:
+        raise ValueError(f"data.path: no usable prompts in {data.path}")
+    heldout = Prompts(heldout.ids[: cfg.eval_size], heldout.answers[: cfg.eval_size])
+    sft = []
+    if data.sft_path:
+        sft = [(_encode(tokenizer, r.prompt), _encode(tokenizer, r.response) + [eos]) for r in load_sft_records(data.sft_path)]
+    return Setup(policy, tokenizer, train, heldout, sft, skipped)
+
+
+def new_run_dir(root: str, seed: int) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{stamp}-seed{seed}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+class PromptSampler:
+    """Shuffled passes over the training prompts, seeded."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            out.append(self.order.pop())
+        return out
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.config
+        wall = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        self.run_dir = new_run_dir(cfg.output_dir, cfg.seed)
+        print(f"longcot: run folder {self.run_dir}", flush=True)
+        dump_config(cfg, self.run_dir / "config.yaml")
+        self.log = MetricsLogger(self.run_dir, cfg.logging.tensorboard)
+
+        s = setup_task(cfg)
+        self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts}
+
+        if cfg.sft.enabled and s.sft_examples:
+            summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
+                                   cfg.logging.progress, self.log.log))
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        estimator = ESTIMATOR_OF[cfg.algorithm.name]
+        self.critic = None
+        if estimator in NEEDS_CRITIC:
+            self.critic = (ValueModel.from_pretrained(cfg.model.critic_path) if cfg.model.critic_path
+                           else ValueModel.from_causal_lm(self.policy))
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
+                                           betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        self.critic_optimizer = None if self.critic is None else torch.optim.AdamW(
+            self.critic.parameters(), lr=cfg.optim.critic_lr, betas=cfg.optim.betas)
+        self.kl_ctl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
+        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
+        self.sampler = PromptSampler(len(s.train.ids), cfg.seed)
+        self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+        evals = [self.evaluate(0)]
+        summary["init_accuracy"] = evals[0]["accuracy"]
+        rl_start, step = time.perf_counter(), 0
+        bar = tqdm(total=cfg.steps, desc="rl", disable=not cfg.logging.progress, dynamic_ncols=True)
+        for step in range(1, cfg.steps + 1):
+            row = self.step(step)
+            self.log.log(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            len=f"{row['response_length/mean']:.0f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                evals.append(self.evaluate(step))
+            if cfg.seconds is not None and time.perf_counter() - rl_start > cfg.seconds:
+                break
+        bar.close()
+        evals.append(self.evaluate(step))
+        summary.update({
+            "final_accuracy": evals[-1]["accuracy"],
+            "steps": step,
+            "rl_seconds": time.perf_counter() - rl_start,
+            "evals": evals,
+        })
+        save_model(self.policy, self.tokenizer, self.run_dir / "final")
+        if cfg.logging.plots:
+            save_plots(self.log.rows, self.run_dir, evals)
+        self.log.close()
+        summary["wall_seconds"] = time.perf_counter() - wall
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"longcot: held-out accuracy {summary['init_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+              f"in {summary['wall_seconds']:.0f} s; run folder {self.run_dir}", flush=True)
+        return summary
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        h = self.setup.heldout
+        result = greedy_accuracy(self.generator, self.tokenizer, h.ids, h.answers,
+                                 self.config.rollout.max_new_tokens, self.config.reward.verifier_timeout_s)
+        result["step"] = step
+        self.log.log({"phase": "eval", **result})
+        return result
+
+    # --- one RL step -------------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg, times = self.config, {}
+        t = time.perf_counter()
+        idx = self.sampler.take(cfg.rollout.prompts_per_step)
+        r = cfg.rollout
+        rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
+                                          r.temperature, r.top_p, r.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+        answers = [self.setup.train.answers[idx[int(i)]] for i in rollout.prompt_index]
+        times["rollout"], t = time.perf_counter() - t, time.perf_counter()
+
+        texts = response_texts(self.tokenizer, rollout)
+        channels = [RewardChannel(c.reward, c.gamma, dict(c.params)) for c in cfg.reward.channels]
+        scores = score_responses(texts, answers, rollout.tokens, rollout.lengths, rollout.truncated,
+                                 r.max_new_tokens, channels, cfg.reward.verifier_timeout_s)
+        times["scoring"], t = time.perf_counter() - t, time.perf_counter()
+
+        exp = self.experience(rollout)
+        times["experience"], t = time.perf_counter() - t, time.perf_counter()
+
+        a = cfg.algorithm
+        mask = exp.sb.mask
+        kl_coef = self.kl_ctl.coef if a.kl_in == "reward" else 0.0
+        rewards, kl = token_rewards(scores.sparse, scores.dense, exp.old_logp, exp.ref_logp, mask, kl_coef, a.kl_estimator)
+        estimator = ESTIMATOR_OF[a.name]
+        adv, returns = get_advantage(estimator)(AdvantageInputs(
+            rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values))
+        if a.normalize_advantages and estimator in ("gae", "rloo"):
+            adv = normalize(adv, mask)
+        exp.advantages, exp.returns = adv, returns
+        stats = self.update(exp)
+        times["update"], t = time.perf_counter() - t, time.perf_counter()
+
+        self.generator.update_weights(self.policy)
+        times["weight_sync"] = time.perf_counter() - t
+
+        seq_kl = (kl.sum(-1)).mean().item()
+        self.kl_ctl.update(seq_kl, len(rollout))
+        return self.step_metrics(step, rollout, texts, scores, rewards, kl, exp, stats, times)
+
+    @torch.no_grad()
+    def experience(self, rollout: Rollout) -> Experience:
+        """Old-policy and reference log-probs (recomputed by the trainer, at the sampling
+        temperature, so PPO's ratio starts at exactly 1), entropy and critic values."""
+        sb = sequence_batch(rollout.prompts, rollout.tokens, rollout.lengths, self.pad_id)
+        temp = self.config.rollout.temperature
+        parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "ent": [], "val": []}
+        self.policy.eval()
+        for rows in torch.arange(len(rollout)).split(self.config.algorithm.micro_batch_size):
+            micro = select_rows(sb, rows)
+            logp, ent = response_logprobs(self.policy, micro, temp, with_entropy=True)
+            parts["old"].append(logp)
+            parts["ent"].append(ent)
+            parts["ref"].append(response_logprobs(self.reference, micro, temp)[0])
+            if self.critic is not None:
+                parts["val"].append(response_values(self.critic, micro))
+        values = torch.cat(parts["val"]) if parts["val"] else None
+        return Experience(rollout, sb, torch.cat(parts["old"]), torch.cat(parts["ref"]), torch.cat(parts["ent"]), values)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """PPO epochs over shuffled mini-batches, accumulating gradients over micro-batches."""
+        cfg, a = self.config, self.config.algorithm
+        temp = cfg.rollout.temperature
+        mask = exp.sb.mask
+        self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
+        acc: dict[str, list[float]] = {k: [] for k in ("pg_loss", "clip_frac", "approx_kl", "value_loss",
+                                                        "value_clip_frac", "grad_norm", "critic_grad_norm")}
+        skipped = 0
+        for _ in range(a.epochs):
+            perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
+            for rows in perm.split(a.mini_batch_size):
+                tokens = mask[rows].sum().clamp_min(1)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.critic_optimizer is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                for micro in rows.split(a.micro_batch_size):
+                    sb = select_rows(exp.sb, micro)
+                    share = (mask[micro].sum() / tokens) if a.loss_agg == "token-mean" else len(micro) / len(rows)
+                    logp, ent = response_logprobs(self.policy, sb, temp, with_entropy=a.entropy_coef > 0)
+                    loss, st = ppo_policy_loss(logp, exp.old_logp[micro], exp.advantages[micro], sb.mask,
+                                               a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
+                    acc["pg_loss"].append(loss.item())
+                    acc["clip_frac"].append(st["clip_frac"].item())
+                    acc["approx_kl"].append(st["approx_kl"].item())
+                    if a.kl_in == "loss":
+                        kl = kl_penalty(logp, exp.ref_logp[micro], a.kl_estimator)
+                        loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / sb.mask.sum().clamp_min(1)
+                    if ent is not None:
+                        loss = loss - a.entropy_coef * (ent * sb.mask).sum() / sb.mask.sum().clamp_min(1)
+                    (loss * share).backward()
+                    if self.critic is not None:
+                        values = response_values(self.critic, sb)
+                        vloss, vfrac = value_loss(values, exp.values[micro], exp.returns[micro], sb.mask, a.value_clip)
+                        (a.vf_coef * vloss * share).backward()
+                        acc["value_loss"].append(vloss.item())
+                        acc["value_clip_frac"].append(vfrac.item())
+                skipped += self._optimizer_step(self.policy, self.optimizer, acc["grad_norm"])
+                if self.critic is not None:
+                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, acc["critic_grad_norm"])
+        self.policy.eval()
+        out = {k: sum(v) / len(v) for k, v in acc.items() if v}
+        out["skipped_updates"] = skipped
+        return out
+
+    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[float]) -> int:
+        """Clip and step; a non-finite gradient skips the update (returns 1)."""
+        clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return 1
+        norms.append(norm.item())
+        optimizer.step()
+        return 0
+
+    def step_metrics(self, step, rollout, texts, scores, rewards, kl, exp, stats, times) -> dict[str, Any]:
+        mask = exp.sb.mask
+        valid = mask.sum().clamp_min(1)
+        lengths = rollout.lengths.float()
+        rep_n = next((int(c.params.get("n", 40)) for c in self.config.reward.channels if c.reward == "repetition"), 40)
+        generated = int(rollout.lengths.sum())
+        row: dict[str, Any] = {
+            "phase": "rl",
+            "step": step,
+            "reward/mean": rewards.sum(dim=(1, 2)).mean().item(),
+            "reward/score": (scores.sparse.sum(-1) + scores.dense.sum(dim=(1, 2))).mean().item(),
+            "accuracy": scores.correct.float().mean().item(),
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "exceed_rate": rollout.truncated.float().mean().item(),
+            "repetition_rate": repetition_mask(rollout.tokens, rollout.lengths, rep_n).any(-1).float().mean().item(),
+            "repetition_ratio": repetition_ratio(rollout.tokens, rollout.lengths, rep_n).mean().item(),
+            "kl": (kl.sum() / valid).item(),
+            "kl_coef": self.kl_ctl.coef,
+            "entropy": ((exp.entropy * mask).sum() / valid).item(),
+            "verifier_timeouts": scores.timeouts,
+            "tokens_per_second": generated / max(times["rollout"], 1e-9),
+            **stats,
+            **reflection_counts(texts),
+        }
+        row.update({f"time/{k}": v for k, v in times.items()})
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import longcot.kernels as K
+
+
+def test_hand_case():
+    # Two rows, T = 3, C = 2; row 0 has 2 valid tokens, row 1 has 3.
+    sparse = torch.tensor([[1.0, 0.0], [-1.0, 0.5]])
+    dense = torch.zeros(2, 3, 2)
+    dense[0, 0, 1] = -0.05
+    logp = torch.tensor([[-1.0, -1.0, -9.0], [-2.0, -2.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-2.0, -1.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, kl = K.token_rewards(sparse, dense, logp, ref, mask, kl_coef=0.1, estimator="k1")
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.0], [0.0, -1.0, 0.0]]))
+    expected = torch.zeros(2, 3, 2)
+    expected[0, 0] = torch.tensor([-0.025, -0.05 - 0.025])
+    expected[0, 1] = torch.tensor([1.0, 0.0])
+    expected[1, 1] = torch.tensor([0.05, 0.05])
+    expected[1, 2] = torch.tensor([-1.0, 0.5])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_summed_return_is_reward_minus_beta_kl():
+    batch, steps, channels = 4, 7, 3
+    logp, ref = torch.randn(batch, steps), torch.randn(batch, steps)
+    mask = torch.ones(batch, steps)
+    mask[1, 4:] = 0
+    mask[2] = 0  # an empty row gets nothing, not even its sparse reward
+    sparse = torch.randn(batch, channels)
+    rewards, kl = K.token_rewards(sparse, None, logp, ref, mask, 0.2, "k3")
+    total = rewards.sum(-1).sum(-1)
+    expected = sparse.sum(-1) - 0.2 * kl.sum(-1)
+    expected[2] = 0
+    torch.testing.assert_close(total, expected)
+    assert (kl >= 0).all() and (kl[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sparse": torch.zeros(2)}, "sparse: expected 2 dimensions"),
+        ({"sparse": torch.zeros(3, 2)}, "sparse: expected 2 rows"),
+        ({"dense": torch.zeros(2, 3, 3)}, r"dense: expected shape \(2, 3, 2\)"),
+        ({"mask": torch.ones(2, 4)}, r"mask: expected shape \(2, 3\)"),
+        ({"kl_coef": -1.0}, "kl_coef: expected a number >= 0"),
+        ({"estimator": "k9"}, "estimator: expected one of"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {
+        "sparse": torch.zeros(2, 2), "dense": None, "logp": torch.zeros(2, 3),
+        "ref_logp": torch.zeros(2, 3), "mask": torch.ones(2, 3), "kl_coef": 0.1, "estimator": "k1",
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        K.token_rewards(**args)
