@@ -1,4 +1,4 @@
-# The two commands of the README: `make bench` (the main job for now) and `make test`.
+# The two commands of the README: `make train` (the main job) and `make test`.
 # Both create .venv on first use: the CPU build of torch and vLLM (`cpu` extra), or the `gpu`
 # extra where an NVIDIA GPU answers, then the project in editable mode with its C++ kernels.
 
@@ -12,7 +12,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 # pip prints one warning per package for the machine's file mirrors it does not find it in.
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test lint bench clean
+.PHONY: setup train test lint bench clean
 
 setup: $(VENV)/.deps $(VENV)/.ext
 
@@ -43,8 +43,11 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
+train: setup
+	$(BIN)/longcot train $(ARGS)
+
 bench: setup
 	$(BIN)/longcot bench kernels
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernels/_cpu*.so bench/out
+	rm -rf $(VENV) build *.egg-info kernels/_cpu*.so bench/out runs
