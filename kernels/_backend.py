@@ -37,7 +37,7 @@ def cpu_extension() -> ModuleType:
     global _cpu_module, _cpu_error
     if _cpu_module is None and _cpu_error is None:
         try:
-            from longcot.kernels import _cpu  # noqa: PLC0415
+            from longcot.kernels import _cpu
 
             _cpu_module = _cpu
         except ImportError as exc:  # not built: reported when it is actually needed
