@@ -40,8 +40,13 @@ def run_sft(
     seed: int,
     progress: bool = True,
     on_step=None,
+    probe=None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on (prompt ids, response ids + eos) pairs; returns a summary."""
+    """Train ``model`` in place on (prompt ids, response ids + eos) pairs; returns a summary.
+
+    ``probe()`` returns the model's validation accuracy; with ``cfg.target_accuracy`` set it is
+    called every ``cfg.eval_every`` steps and training stops once it reaches the target.
+    """
     if not examples:
         raise ValueError("sft: no training examples")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -50,7 +55,9 @@ def run_sft(
     )
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    start, loss_value, step = time.perf_counter(), float("nan"), 0
+    start, loss_value, step, accuracy = time.perf_counter(), float("nan"), 0, None
+    if cfg.target_accuracy is None:
+        probe = None
     bar = tqdm(total=cfg.steps, desc="sft", disable=not progress, dynamic_ncols=True)
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen).tolist()
@@ -67,13 +74,25 @@ def run_sft(
         loss_value = loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        row = {"phase": "sft", "step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0]}
+        if probe is not None and step % cfg.eval_every == 0:
+            model.eval()
+            accuracy = probe()
+            model.train()
+            row["valid_accuracy"] = accuracy
+            bar.set_postfix(loss=f"{loss_value:.3f}", valid_acc=f"{accuracy:.2f}")
         if on_step is not None:
-            on_step({"phase": "sft", "step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0]})
+            on_step(row)
+        if accuracy is not None and accuracy >= cfg.target_accuracy:
+            break
         if cfg.seconds is not None and time.perf_counter() - start > cfg.seconds:
             break
     bar.close()
     model.eval()
-    return {"sft_steps": step, "sft_loss": loss_value, "sft_seconds": time.perf_counter() - start}
+    summary = {"sft_steps": step, "sft_loss": loss_value, "sft_seconds": time.perf_counter() - start}
+    if accuracy is not None:
+        summary["sft_valid_accuracy"] = accuracy
+    return summary
 
 
 def sft_main(cfg) -> dict[str, float]:
@@ -81,7 +100,8 @@ def sft_main(cfg) -> dict[str, float]:
     import json
 
     from .models import save_model
-    from .trainer import new_run_dir, setup_task
+    from .rollout import HFGenerator
+    from .trainer import new_run_dir, setup_task, validation_probe
 
     run_dir = new_run_dir(cfg.output_dir, cfg.seed)
     print(f"longcot: run folder {run_dir}", flush=True)
@@ -92,7 +112,9 @@ def sft_main(cfg) -> dict[str, float]:
     tok = setup.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     lines = []
-    summary = run_sft(setup.policy, setup.sft_examples, cfg.sft, pad, cfg.seed, cfg.logging.progress, lines.append)
+    probe = validation_probe(cfg, setup, HFGenerator(setup.policy, tok.eos_token_id, pad))
+    summary = run_sft(setup.policy, setup.sft_examples, cfg.sft, pad, cfg.seed, cfg.logging.progress,
+                      lines.append, probe)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     save_model(setup.policy, tok, run_dir / "final")
     summary["run_dir"] = str(run_dir)

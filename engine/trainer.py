@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class Setup:
     tokenizer: Any
     train: Prompts
     heldout: Prompts
+    valid: Prompts  # decides when the SFT warm start stops; never the reported split
     sft_examples: list[tuple[list[int], list[int]]]
     skipped_prompts: int
 
@@ -107,12 +109,14 @@ def setup_task(cfg: TrainConfig) -> Setup:
 
     if data.task == "addition":
         a = data.addition
-        task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed)
-        train = Prompts([_encode(tokenizer, p.prompt) for p in task.train], [p.answer for p in task.train])
-        held = task.heldout[: cfg.eval_size]
-        heldout = Prompts([_encode(tokenizer, p.prompt) for p in held], [p.answer for p in held])
+        task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed, n_valid=cfg.sft.eval_size)
+
+        def prompts(problems) -> Prompts:
+            return Prompts([_encode(tokenizer, p.prompt) for p in problems], [p.answer for p in problems])
+
         sft = [(_encode(tokenizer, p.prompt), _encode(tokenizer, p.demonstration) + [eos]) for p in task.train]
-        return Setup(policy, tokenizer, train, heldout, sft, 0)
+        return Setup(policy, tokenizer, prompts(task.train), prompts(task.heldout[: cfg.eval_size]),
+                     prompts(task.valid), sft, 0)
 
     skipped = 0
 
@@ -135,13 +139,29 @@ def setup_task(cfg: TrainConfig) -> Setup:
         k = min(cfg.eval_size, max(1, len(train.ids) // 10))
         heldout = Prompts(train.ids[-k:], train.answers[-k:])
         train = Prompts(train.ids[:-k], train.answers[:-k])
-    if not train.ids:
-        raise ValueError(f"data.path: no usable prompts in {data.path}")
     heldout = Prompts(heldout.ids[: cfg.eval_size], heldout.answers[: cfg.eval_size])
-    sft = []
+    sft, valid = [], Prompts([], [])
     if data.sft_path:
         sft = [(_encode(tokenizer, r.prompt), _encode(tokenizer, r.response) + [eos]) for r in load_sft_records(data.sft_path)]
-    return Setup(policy, tokenizer, train, heldout, sft, skipped)
+        if cfg.sft.target_accuracy is not None:  # the probe's prompts leave the RL prompts
+            k = min(cfg.sft.eval_size, len(train.ids) // 2)
+            valid = Prompts(train.ids[-k:], train.answers[-k:])
+            train = Prompts(train.ids[:-k], train.answers[:-k])
+    if not train.ids:
+        raise ValueError(f"data.path: no usable prompts in {data.path}")
+    return Setup(policy, tokenizer, train, heldout, valid, sft, skipped)
+
+
+def validation_probe(cfg: TrainConfig, setup: Setup, generator) -> Callable[[], float] | None:
+    """Greedy accuracy on the validation split, for the SFT stop; None when not configured."""
+    v = setup.valid
+    if cfg.sft.target_accuracy is None or not v.ids:
+        return None
+
+    def probe() -> float:
+        return greedy_accuracy(generator, setup.tokenizer, v.ids, v.answers,
+                               cfg.rollout.max_new_tokens, cfg.reward.verifier_timeout_s)["accuracy"]
+    return probe
 
 
 def new_run_dir(root: str, seed: int) -> Path:
@@ -190,9 +210,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts}
 
+        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
         if cfg.sft.enabled and s.sft_examples:
             summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
-                                   cfg.logging.progress, self.log.log))
+                                   cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator)))
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         estimator = ESTIMATOR_OF[cfg.algorithm.name]
         self.critic = None
@@ -204,7 +225,6 @@ class Trainer:
         self.critic_optimizer = None if self.critic is None else torch.optim.AdamW(
             self.critic.parameters(), lr=cfg.optim.critic_lr, betas=cfg.optim.betas)
         self.kl_ctl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
-        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
         self.sampler = PromptSampler(len(s.train.ids), cfg.seed)
         self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -279,6 +299,10 @@ class Trainer:
         if a.normalize_advantages and estimator in ("gae", "rloo"):
             adv = normalize(adv, mask)
         exp.advantages, exp.returns = adv, returns
+        warm = min(1.0, step / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else 1.0
+        for opt, lr in ((self.optimizer, cfg.optim.lr), (self.critic_optimizer, cfg.optim.critic_lr)):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = lr * warm
         stats = self.update(exp)
         times["update"], t = time.perf_counter() - t, time.perf_counter()
 
@@ -385,6 +409,7 @@ class Trainer:
             "repetition_ratio": repetition_ratio(rollout.tokens, rollout.lengths, rep_n).mean().item(),
             "kl": (kl.sum() / valid).item(),
             "kl_coef": self.kl_ctl.coef,
+            "lr": self.optimizer.param_groups[0]["lr"],
             "entropy": ((exp.entropy * mask).sum() / valid).item(),
             "verifier_timeouts": scores.timeouts,
             "tokens_per_second": generated / max(times["rollout"], 1e-9),

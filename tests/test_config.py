@@ -47,6 +47,10 @@ def test_paper_example_loads():
         ("logging.plots=maybe", "logging.plots: expected true or false"),
         ("data.task=file", "data.path: required when task is 'file'"),
         ("model.tiny.heads=3", "model.tiny.heads: must divide hidden"),
+        ("sft.target_accuracy=1.5", "sft.target_accuracy: expected a number in (0, 1]"),
+        ("sft.eval_every=0", "sft.eval_every: expected a number > 0"),
+        ("data.addition.digits=7", "data.addition.digits: expected an integer in [1, 6]"),
+        ("data.addition.digits=1", "data.addition.n_train: 4000 train + 256 held-out + 128 validation"),
         ("novalue", "novalue: expected an override of the form key.sub=value"),
     ],
 )

@@ -69,6 +69,13 @@ def test_addition_default_split_is_disjoint_and_sized():
     assert not train & heldout
 
 
+def test_addition_validation_split_is_disjoint():
+    task = make_addition_task(seed=5, n_train=300, n_heldout=50, n_valid=40)
+    splits = [{p.question for p in part} for part in (task.train, task.heldout, task.valid)]
+    assert [len(s) for s in splits] == [300, 50, 40]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+
+
 @pytest.mark.parametrize("digits,operands", [(1, 2), (2, 2), (3, 2), (6, 2), (3, 3), (6, 4)])
 def test_addition_demonstrations_are_correct(digits, operands):
     n_train = 60 if digits > 1 else 80

@@ -19,7 +19,7 @@ TINY = [
     "data.addition.digits=1", "data.addition.n_train=60", "data.addition.n_heldout=16",
     "eval_size=8", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
     "rollout.max_new_tokens=24", "algorithm.mini_batch_size=8", "algorithm.micro_batch_size=4",
-    "sft.steps=6", "sft.batch_size=16", "sft.warmup_steps=2", "steps=2",
+    "sft.steps=6", "sft.batch_size=16", "sft.warmup_steps=2", "sft.eval_size=8", "steps=2",
     "logging.progress=false", "logging.tensorboard=false",
 ]
 
@@ -79,9 +79,10 @@ def test_critic_free_runs(tmp_path, algorithm):
 
 
 def test_policy_moves_and_reference_stays(tmp_path):
-    cfg = tiny_config(tmp_path, "optim.lr=1e-2")
+    cfg = tiny_config(tmp_path, "optim.lr=1e-2", "optim.warmup_steps=2")
     trainer = Trainer(cfg)
-    trainer.fit()
+    summary = trainer.fit()
+    assert [r["lr"] for r in rl_rows(summary["run_dir"])] == [5e-3, 1e-2]  # linear warm-up
     changed = any(not torch.equal(p, r) for p, r in zip(trainer.policy.parameters(), trainer.reference.parameters()))
     assert changed
     assert not any(p.requires_grad for p in trainer.reference.parameters())
@@ -96,6 +97,30 @@ def test_sft_command(tmp_path):
     assert (run / "final" / "model.safetensors").exists()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_sft_stops_at_the_validation_target(tmp_path):
+    from longcot.engine.sft import run_sft
+    from longcot.engine.trainer import setup_task
+
+    cfg = tiny_config(tmp_path, "sft.steps=50", "sft.eval_every=3", "sft.target_accuracy=0.5")
+    setup = setup_task(cfg)
+    assert len(setup.valid.ids) == 8 and not set(map(tuple, setup.valid.ids)) & set(map(tuple, setup.train.ids))
+    probes = iter([0.1, 0.3, 0.6, 0.9])
+    rows = []
+    summary = run_sft(setup.policy, setup.sft_examples, cfg.sft, 0, 0, False, rows.append, lambda: next(probes))
+    assert summary["sft_steps"] == 9 and summary["sft_valid_accuracy"] == 0.6
+    assert [r["valid_accuracy"] for r in rows if "valid_accuracy" in r] == [0.1, 0.3, 0.6]
+    assert setup.policy.training is False
+
+
+def test_trainer_probes_validation_during_sft(tmp_path):
+    # An unreachable target: SFT runs all its steps, probing every 3 and logging each probe.
+    summary = Trainer(tiny_config(tmp_path, "sft.eval_every=3", "sft.target_accuracy=1.0")).fit()
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    probed = [r["step"] for r in rows if r["phase"] == "sft" and "valid_accuracy" in r]
+    assert probed == [3, 6] and summary["sft_steps"] == 6
+    assert 0 <= summary["sft_valid_accuracy"] <= 1
 
 
 def test_api_exports():

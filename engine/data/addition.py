@@ -49,13 +49,18 @@ class Problem:
 
 @dataclass(frozen=True)
 class AdditionTask:
-    """A seeded train/held-out split of addition problems (no operand tuple appears in both)."""
+    """Seeded train/held-out/validation splits of addition problems (disjoint operand tuples).
+
+    ``valid`` is for decisions taken during a run (when the SFT warm start stops), so that the
+    held-out split stays untouched until it is reported.
+    """
 
     digits: int
     operands: int
     seed: int
     train: list[Problem] = field(repr=False)
     heldout: list[Problem] = field(repr=False)
+    valid: list[Problem] = field(default_factory=list, repr=False)
     charset: str = CHARSET
     template: str = TEMPLATE
 
@@ -108,6 +113,12 @@ def _operand_range(digits: int) -> tuple[int, int]:
     return low, 10**digits
 
 
+def problem_count(digits: int, operands: int = 2) -> int:
+    """How many distinct problems exist with ``operands`` operands of ``digits`` digits."""
+    low, high = _operand_range(digits)
+    return (high - low) ** operands
+
+
 def _sample_indices(rng: random.Random, space: int, k: int) -> list[int]:
     """``k`` distinct integers from ``range(space)``, deterministic given the rng state."""
     if space <= sys.maxsize:
@@ -130,11 +141,12 @@ def make_addition_task(
     n_heldout: int = 256,
     seed: int = 0,
     operands: int = 2,
+    n_valid: int = 0,
 ) -> AdditionTask:
     """A seeded split of ``digits``-digit addition problems with ``operands`` operands.
 
-    The train and held-out problems are drawn together without replacement, so no operand tuple
-    appears twice or in both splits (``47+85`` and ``85+47`` count as different problems).
+    The splits are drawn together without replacement, so no operand tuple appears twice or in
+    two splits (``47+85`` and ``85+47`` count as different problems).
     """
     for name, value, low, high in (
         ("digits", digits, MIN_DIGITS, MAX_DIGITS),
@@ -142,17 +154,17 @@ def make_addition_task(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"make_addition_task: {name} must be an int in [{low}, {high}], got {value!r}")
-    for name, value in (("n_train", n_train), ("n_heldout", n_heldout)):
+    for name, value in (("n_train", n_train), ("n_heldout", n_heldout), ("n_valid", n_valid)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"make_addition_task: {name} must be a non-negative int, got {value!r}")
     low, high = _operand_range(digits)
     base = high - low
     space = base**operands
-    total = n_train + n_heldout
+    total = n_train + n_heldout + n_valid
     if total > space:
         raise ValueError(
             f"make_addition_task: {total} problems requested (n_train={n_train} + "
-            f"n_heldout={n_heldout}) but only {space} distinct {operands}-operand "
+            f"n_heldout={n_heldout} + n_valid={n_valid}) but only {space} distinct {operands}-operand "
             f"{digits}-digit problems exist"
         )
     rng = random.Random(seed)
@@ -168,5 +180,6 @@ def make_addition_task(
         operands=operands,
         seed=seed,
         heldout=problems[:n_heldout],
-        train=problems[n_heldout:],
+        valid=problems[n_heldout : n_heldout + n_valid],
+        train=problems[n_heldout + n_valid :],
     )
