@@ -263,6 +263,7 @@ def _token_logprobs_bwd_kernel(
     logits_ptr, tokens_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, grad_ptr,
     V, stride_row, stride_grad, inv_t,
     BLOCK_V: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -284,8 +285,14 @@ def _token_logprobs_bwd_kernel(
             h = tl.load(ent_ptr + row)
             ge = tl.load(g_ent_ptr + row).to(tl.float32)
             coef = coef + ge * (logp + h)
-        dx = -p * coef + tl.where(cols == tok, g, 0.0)
-        tl.store(gbase + cols, (dx * inv_t).to(grad_ptr.dtype.element_ty), mask=valid)
+        dx = (-p * coef + tl.where(cols == tok, g, 0.0)) * inv_t
+        if ROUND_BF16:
+            # The interpreter truncates fp32 -> bf16; add half an ulp (ties to even) first so
+            # that it rounds to nearest like the GPU does.
+            bits = dx.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            dx = bits.to(tl.float32, bitcast=True)
+        tl.store(gbase + cols, dx.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def _block_v(vocab: int, interpreted: bool) -> int:
@@ -331,6 +338,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
                 logits, tokens, lse, ent, g_logp_c, g_ent_c, grad,
                 vocab, logits.stride(0), grad.stride(0), 1.0 / ctx.temperature,
                 BLOCK_V=block, HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
+                ROUND_BF16=interpreted and grad.dtype == torch.bfloat16,
                 **({} if interpreted else {"num_warps": 8 if block >= 2048 else 4}),
             )
         return grad, None, None, None
