@@ -153,8 +153,9 @@ class _ChunkedLinearTokenLogprobs(torch.autograd.Function):
         gl = None if g_logp is None else g_logp.float()
         ge = None if g_ent is None else g_ent.float()
         dh = torch.zeros(hf.shape, dtype=torch.float32, device=hf.device) if need_h else None
-        grad_w = torch.empty_like(weight) if need_w else None
-        for v0 in range(0, vocab, cols):
+        # every block of grad_w is written by its first row chunk; with no rows, it is zero
+        grad_w = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if need_w else None
+        for v0 in range(0, vocab if n else 0, cols):
             v1 = min(vocab, v0 + cols)
             wb = weight[v0:v1].float()
             if need_w:

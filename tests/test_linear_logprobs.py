@@ -110,6 +110,15 @@ def test_chunked_gradient_to_one_operand_only():
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_no_tokens():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    logp, ent = K.linear_token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), 0.7, True)
+    (logp.sum() + ent.sum()).backward()
+    assert logp.shape == ent.shape == (0,)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and hidden.grad.shape == (0, 8)
+
+
 def test_cpu_default_is_chunked():
     hidden, weight, tokens = _inputs(4, 20, 8, torch.float32)
     hidden.requires_grad_()
