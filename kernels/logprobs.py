@@ -210,7 +210,7 @@ def jit(fn):
 
 
 def check_triton_device(t: torch.Tensor) -> None:
-    if t.device.type == "cuda" and not _INTERPRETED:
+    if t.device.type == "cuda":  # compiled, or interpreted (the interpreter copies to the host)
         return
     if t.device.type == "cpu" and _INTERPRETED:
         return
