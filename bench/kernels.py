@@ -1,10 +1,20 @@
 """`longcot bench kernels`: each CPU op against the Python code RL frameworks run today.
 
-The baseline of every row is the op's PyTorch reference, which is written the way those
-frameworks write it (a per-sequence set-of-tuples loop for n-grams, a per-time-step loop for
-returns and GAE); the longcot column is the public op with ``LONGCOT_KERNELS=cpu``. Both run on
-the same inputs in the same process, their outputs are compared, and the ratio is baseline time
-over longcot time. Prints a table and writes JSON.
+Speed rows: the baseline of every row is the op's PyTorch reference, which is written the way
+those frameworks write it (a per-sequence set-of-tuples loop for n-grams, a per-time-step loop
+for returns and GAE); the longcot column is the public op with ``LONGCOT_KERNELS=cpu``. Both run
+on the same inputs in the same process, their outputs are compared, and the ratio is baseline
+time over longcot time.
+
+Memory rows (`token_logprobs`, `linear_token_logprobs`): eager ``log_softmax(logits.float())
+.gather`` (after ``logits = hidden @ weight.T`` for the linear op) against the public op, each
+side in a fresh subprocess so that its peak memory is its own: the peak resident set
+(``ru_maxrss``; on CUDA ``max_memory_allocated``) minus what the process held once its inputs
+were built. Forward, and forward + backward. ``--device cuda`` runs them on CUDA tensors at the
+GPU shapes; ``--device cuda --small`` without a GPU but with ``TRITON_INTERPRET=1`` runs the
+same code path on CPU tensors through Triton's interpreter.
+
+Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ import datetime
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +111,256 @@ def build_cases(small: bool = False, seed: int = 0) -> list[Case]:
     ]
 
 
+@dataclass
+class MemCase:
+    """One memory row: an op, forward or forward + backward, eager vs longcot in subprocesses."""
+
+    op: str  # "token_logprobs" or "linear_token_logprobs"
+    backward: bool
+    n: int
+    vocab: int
+    hidden: int
+    dtype: str
+    device: str  # where the tensors live: "cpu" or "cuda"
+    longcot_backend: str  # LONGCOT_KERNELS for the longcot side
+    repeats: int  # timed calls after the first (0: the first call is the timed one)
+    time_target: float | None  # longcot time / eager time at most this (None: reported only)
+    mem_target: float | None  # longcot extra peak / eager extra peak at most this
+
+    @property
+    def mode(self) -> str:
+        return "fwd+bwd" if self.backward else "fwd"
+
+    @property
+    def shape(self) -> str:
+        dims = f"N={self.n} V={self.vocab}"
+        if self.op == "linear_token_logprobs":
+            dims += f" H={self.hidden}"
+        return f"{dims} {self.dtype}"
+
+
+def logprob_cases(device: str = "cpu", small: bool = False) -> list[MemCase]:
+    """The issue's memory rows: CPU at N=4096, V=151,936, H=896 (fp32); CUDA at N=16,384,
+    H=4096 (bf16). ``device="cuda"`` without CUDA (small runs only) uses CPU tensors and the
+    Triton interpreter."""
+    if device == "cuda":
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and not small:
+            raise SystemExit("longcot bench kernels --device cuda: no CUDA device (try --small "
+                             "with TRITON_INTERPRET=1 to run the code path on the CPU)")
+        if not on_gpu:
+            from longcot.kernels.logprobs import triton_interpreted
+
+            if not triton_interpreted():
+                raise SystemExit("longcot bench kernels --device cuda --small without CUDA "
+                                 "needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        n, vocab, hidden, dtype = (64, 300, 32, "bfloat16") if small else (16384, 151936, 4096, "bfloat16")
+        tensors, backend = ("cuda", "auto") if on_gpu else ("cpu", "triton")
+        return [
+            MemCase("token_logprobs", False, n, vocab, hidden, dtype, tensors, backend, 1 if small else 5, 1 / 3, None),
+            MemCase("token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
+            MemCase("linear_token_logprobs", False, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
+            MemCase("linear_token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, 1.1, 1 / 8),
+        ]
+    if device != "cpu":
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    n, vocab, hidden = (256, 4096, 64) if small else (4096, 151936, 896)
+    time_t, mem_t = (None, None) if small else (1.2, 0.02)
+    return [
+        MemCase("token_logprobs", False, n, vocab, hidden, "float32", "cpu", "auto", 2, time_t, mem_t),
+        MemCase("token_logprobs", True, n, vocab, hidden, "float32", "cpu", "auto", 1, None, None),
+        MemCase("linear_token_logprobs", False, n, vocab, hidden, "float32", "cpu", "auto",
+                2 if small else 1, time_t, mem_t),
+        # about a minute per call at full size on one core: the first call is the timed one
+        MemCase("linear_token_logprobs", True, n, vocab, hidden, "float32", "cpu", "auto",
+                2 if small else 0, None, None),
+    ]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # kB on Linux
+
+
+def measure(spec: dict) -> dict:
+    """Runs in a fresh process: builds the inputs, then times one side and takes its peak."""
+    side, device, backward = spec["side"], spec["device"], spec["backward"]
+    dtype = getattr(torch, spec["dtype"])
+    n, vocab, hdim = spec["n"], spec["vocab"], spec["hidden"]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def make_inputs(n, vocab, hdim):
+        tokens = torch.randint(0, vocab, (n,), generator=gen, device=device)
+        g = torch.randn(n, generator=gen, device=device)
+        if spec["op"] == "token_logprobs":
+            inputs = [torch.randn(n, vocab, generator=gen, device=device, dtype=dtype).mul_(3)]
+        else:
+            inputs = [torch.randn(n, hdim, generator=gen, device=device, dtype=dtype),
+                      torch.randn(vocab, hdim, generator=gen, device=device, dtype=dtype)
+                      .mul_(hdim**-0.5)]
+        for x in inputs:
+            x.requires_grad_(backward)
+        return tokens, g, inputs
+
+    # A first call at a tiny size loads the code, thread pools and allocator arenas the op
+    # needs, so that the measured peak is the op's working memory at the real size.
+    tokens, g, inputs = make_inputs(16, 256, 32)
+
+    if side == "eager":
+        def forward():
+            if spec["op"] == "token_logprobs":
+                logits = inputs[0]
+            else:
+                logits = inputs[0] @ inputs[1].T
+            return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+    else:
+        from longcot import kernels as K
+
+        op = getattr(K, spec["op"])
+
+        def forward():
+            return op(*inputs, tokens)
+
+    def step():
+        for x in inputs:
+            x.grad = None
+        if not backward:
+            with torch.no_grad():
+                return forward(), []
+        logp = forward()
+        (logp * g).sum().backward()
+        return logp.detach(), [x.grad for x in inputs]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    tokens, g, inputs = make_inputs(n, vocab, hdim)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    start = time.perf_counter()
+    logp, grads = step()
+    sync()
+    times = [time.perf_counter() - start]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+    result = {
+        "extra_peak_bytes": max(0, peak - base),
+        "input_bytes": sum(x.numel() * x.element_size() for x in inputs),
+        "logp_sum": float(logp.double().sum()),
+        "grad_norms": [float(gr.double().norm()) for gr in grads],
+        "torch_threads": torch.get_num_threads(),
+    }
+    del logp, grads
+    if spec["repeats"]:
+        times = []
+        for _ in range(spec["repeats"]):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+    result["seconds"] = min(times)
+    if device == "cuda" and side == "longcot" and spec["op"] == "token_logprobs" and not backward:
+        # what a device-to-device copy of the logits achieves, timed in the same process
+        src = inputs[0].detach()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        sync()
+        best = float("inf")
+        for _ in range(max(3, spec["repeats"])):
+            start = time.perf_counter()
+            dst.copy_(src)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        nbytes = src.numel() * src.element_size()
+        result["read_bandwidth"] = nbytes / result["seconds"]
+        result["copy_bandwidth"] = 2 * nbytes / best  # read + write
+    return result
+
+
+def measure_in_subprocess(case: MemCase, side: str) -> dict:
+    spec = {"op": case.op, "backward": case.backward, "n": case.n, "vocab": case.vocab,
+            "hidden": case.hidden, "dtype": case.dtype, "device": case.device,
+            "repeats": case.repeats, "side": side}
+    env = dict(os.environ)
+    env["LONGCOT_KERNELS"] = case.longcot_backend if side == "longcot" else "reference"
+    proc = subprocess.run(
+        [sys.executable, "-m", "longcot.bench.kernels", "measure", json.dumps(spec)],
+        env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case.op} {case.mode} ({side}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_same(case: MemCase, eager: dict, fast: dict) -> None:
+    rel = 1e-3 if case.dtype != "float32" else 1e-4
+    pairs = [(eager["logp_sum"], fast["logp_sum"])] + list(zip(eager["grad_norms"], fast["grad_norms"]))
+    for e, f in pairs:
+        if abs(e - f) > rel * max(1.0, abs(e)):
+            raise RuntimeError(f"{case.op} {case.mode}: longcot's result differs from eager's "
+                               f"({f!r} vs {e!r})")
+
+
+def run_memory_rows(cases: list[MemCase], small: bool) -> list[dict]:
+    rows = []
+    print(f"\n{'op':<22} {'mode':<8} {'shape':<34} {'eager':>10} {'longcot':>10} {'time':>7} "
+          f"{'eager +mem':>11} {'longcot +mem':>13} {'mem':>8}  targets")
+    print("-" * 140)
+    for case in cases:
+        eager = measure_in_subprocess(case, "eager")
+        fast = measure_in_subprocess(case, "longcot")
+        _check_same(case, eager, fast)
+        t_ratio = fast["seconds"] / eager["seconds"]
+        m_ratio = fast["extra_peak_bytes"] / max(1, eager["extra_peak_bytes"])
+        met_t = None if case.time_target is None or small else t_ratio <= case.time_target
+        met_m = None if case.mem_target is None or small else m_ratio <= case.mem_target
+        row = {
+            "op": case.op, "mode": case.mode, "shape": case.shape, "device": case.device,
+            "eager_s": eager["seconds"], "longcot_s": fast["seconds"], "time_ratio": t_ratio,
+            "eager_extra_peak_bytes": eager["extra_peak_bytes"],
+            "longcot_extra_peak_bytes": fast["extra_peak_bytes"], "mem_ratio": m_ratio,
+            "input_bytes": eager["input_bytes"], "time_target": case.time_target,
+            "mem_target": case.mem_target, "time_met": met_t, "mem_met": met_m,
+            "timed_calls": max(1, case.repeats), "torch_threads": fast["torch_threads"],
+        }
+        for key in ("read_bandwidth", "copy_bandwidth"):
+            if key in fast:
+                row[key] = fast[key]
+        rows.append(row)
+        marks = []
+        if case.time_target is not None:
+            marks.append(f"time <= {case.time_target:.3g}x " + _mark(met_t))
+        if case.mem_target is not None:
+            marks.append(f"mem <= {case.mem_target:.3g}x " + _mark(met_m))
+        if "read_bandwidth" in row:
+            marks.append(f"read {row['read_bandwidth'] / 1e9:.0f} GB/s vs copy "
+                         f"{row['copy_bandwidth'] / 1e9:.0f} GB/s")
+        print(f"{case.op:<22} {case.mode:<8} {case.shape:<34} {_fmt_seconds(eager['seconds']):>10} "
+              f"{_fmt_seconds(fast['seconds']):>10} {t_ratio:>6.2f}x "
+              f"{_fmt_bytes(eager['extra_peak_bytes']):>11} {_fmt_bytes(fast['extra_peak_bytes']):>13} "
+              f"{m_ratio:>7.2%}  {'; '.join(marks)}", flush=True)
+    return rows
+
+
+def _mark(met: bool | None) -> str:
+    return "" if met is None else ("ok" if met else "MISSED")
+
+
+def _fmt_bytes(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def time_fn(fn: Callable[[], object], min_seconds: float, min_repeats: int) -> float:
     """Best wall time of repeated calls, after one warm-up call."""
     fn()
@@ -127,29 +390,35 @@ def _fmt_seconds(s: float) -> str:
 
 
 def run(device: str = "cpu", small: bool = False, json_path: str | None = None) -> int:
-    """Runs the suite, prints the table, writes JSON; returns 0 (1 if a full-size target failed)."""
-    if device != "cpu":
-        raise ValueError(f"device: only 'cpu' is benchmarked by this suite, got {device!r}")
-    if not K.has_cpu_extension():
-        raise SystemExit("longcot bench kernels: the C++ extension is not built (pip install -e .)")
+    """Runs the suite, prints the tables, writes JSON; returns 0 (1 if a full-size target failed).
+
+    ``device="cpu"``: the C++ speed rows and the log-prob memory rows on CPU tensors.
+    ``device="cuda"``: the log-prob rows on CUDA tensors (or, small and without a GPU, on CPU
+    tensors through Triton's interpreter)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     rows = []
-    _print_header()
-    with forced_backend("cpu"):
-        for case in build_cases(small):
-            expected, got = case.baseline(), case.longcot()
-            _assert_same(case.op, expected, got)
-            base = time_fn(case.baseline, min_seconds=0.5 if small else 2.0, min_repeats=3)
-            fast = time_fn(case.longcot, min_seconds=0.2 if small else 1.0, min_repeats=10)
-            ratio = base / fast
-            met = None if case.target is None or small else ratio >= case.target
-            rows.append({
-                "op": case.op, "shape": case.shape, "baseline_s": base, "longcot_s": fast,
-                "ratio": ratio, "target": case.target, "met": met,
-            })
-            mark = "" if met is None else ("ok" if met else "MISSED")
-            target = f">= {case.target:g}x" if case.target else "-"
-            print(f"{case.op:<20} {case.shape:<28} {_fmt_seconds(base):>12} "
-                  f"{_fmt_seconds(fast):>12} {ratio:>9.1f}x {target:>9} {mark}", flush=True)
+    if device == "cpu":
+        if not K.has_cpu_extension():
+            raise SystemExit("longcot bench kernels: the C++ extension is not built (pip install -e .)")
+        _print_header()
+        with forced_backend("cpu"):
+            for case in build_cases(small):
+                expected, got = case.baseline(), case.longcot()
+                _assert_same(case.op, expected, got)
+                base = time_fn(case.baseline, min_seconds=0.5 if small else 2.0, min_repeats=3)
+                fast = time_fn(case.longcot, min_seconds=0.2 if small else 1.0, min_repeats=10)
+                ratio = base / fast
+                met = None if case.target is None or small else ratio >= case.target
+                rows.append({
+                    "op": case.op, "shape": case.shape, "baseline_s": base, "longcot_s": fast,
+                    "ratio": ratio, "target": case.target, "met": met,
+                })
+                mark = "" if met is None else ("ok" if met else "MISSED")
+                target = f">= {case.target:g}x" if case.target else "-"
+                print(f"{case.op:<20} {case.shape:<28} {_fmt_seconds(base):>12} "
+                      f"{_fmt_seconds(fast):>12} {ratio:>9.1f}x {target:>9} {mark}", flush=True)
+    memory_rows = run_memory_rows(logprob_cases(device, small), small)
 
     result = {
         "suite": "kernels",
@@ -158,18 +427,23 @@ def run(device: str = "cpu", small: bool = False, json_path: str | None = None) 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "processor": _cpu_name(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
         "rows": rows,
+        "memory_rows": memory_rows,
     }
     path = Path(json_path or f"bench/out/kernels-{device}{'-small' if small else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
-    return 1 if any(r["met"] is False for r in rows) else 0
+    failed = any(r["met"] is False for r in rows) or any(
+        r["time_met"] is False or r["mem_met"] is False for r in memory_rows
+    )
+    return 1 if failed else 0
 
 
 def _print_header() -> None:
@@ -185,3 +459,9 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":  # the subprocess side of the memory rows
+    if len(sys.argv) != 3 or sys.argv[1] != "measure":
+        raise SystemExit("usage: python -m longcot.bench.kernels measure SPEC_JSON")
+    print(json.dumps(measure(json.loads(sys.argv[2]))))

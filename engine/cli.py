@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
     bench.add_argument("suite", choices=["kernels"], help="kernels: per-op microbenchmarks")
-    bench.add_argument("--device", choices=["cpu"], default="cpu", help="device to measure on")
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="device to measure on (cuda --small runs without a GPU under TRITON_INTERPRET=1)",
+    )
     bench.add_argument("--small", action="store_true", help="small shapes: a quick smoke run")
     bench.add_argument(
         "--json", metavar="PATH", default=None,

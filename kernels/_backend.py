@@ -2,10 +2,11 @@
 
 `LONGCOT_KERNELS` overrides the choice for every op:
 
-- unset or ``auto``: Triton for CUDA tensors, the C++ extension for CPU tensors, each where the op
-  has one, else the reference;
+- unset or ``auto``: Triton for CUDA tensors, the CPU path (C++ or chunked PyTorch) for CPU
+  tensors, each where the op has one, else the reference;
 - ``reference``: the plain PyTorch references (for debugging and the benchmarks' baselines);
-- ``cpu``: the C++ extension where the op has one (tensors make a round trip through host memory);
+- ``cpu``: the CPU path where the op has one: the C++ extension (tensors make a round trip
+  through host memory), or for the log-prob ops chunked PyTorch (runs on the tensors' device);
 - ``triton``: the Triton kernels where the op has one; with ``TRITON_INTERPRET=1`` they run on CPU
   tensors through Triton's interpreter.
 """
@@ -63,20 +64,27 @@ def cpu_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def select(device: torch.device, *, cpu: bool, triton: bool) -> str:
-    """Pick ``reference``, ``cpu`` or ``triton`` for an op with the given implementations."""
+def select(
+    device: torch.device, *, cpu: bool, triton: bool, cpu_needs_extension: bool = True
+) -> str:
+    """Pick ``reference``, ``cpu`` or ``triton`` for an op with the given implementations.
+
+    ``cpu_needs_extension=False`` is for ops whose CPU path is plain PyTorch (chunked log-probs):
+    it runs without the C++ extension, on any device.
+    """
     want = requested_backend()
     if want == "reference":
         return "reference"
     if want == "cpu":
         if cpu:
-            cpu_extension()  # an explicit request for C++ kernels fails loudly when they are missing
+            if cpu_needs_extension:
+                cpu_extension()  # an explicit request for C++ kernels fails loudly when missing
             return "cpu"
         return "reference"
     if want == "triton":
         return "triton" if triton else "reference"
     if device.type == "cuda" and triton:
         return "triton"
-    if device.type == "cpu" and cpu and has_cpu_extension():
+    if device.type == "cpu" and cpu and (not cpu_needs_extension or has_cpu_extension()):
         return "cpu"
     return "reference"

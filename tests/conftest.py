@@ -5,6 +5,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Triton runs on CPU tensors only through its interpreter, and the mode is fixed when Triton is
+# imported (it jits its standard library then): choose it before anything imports longcot.
+# Machines with CUDA run the kernels compiled (tests/test_gpu_logprobs.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("longcot", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("longcot")
 
@@ -27,3 +33,14 @@ def kernels_backend(name: str):
 def _clean_backend(monkeypatch):
     monkeypatch.delenv("LONGCOT_KERNELS", raising=False)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """LONGCOT_KERNELS=triton on CPU tensors: Triton's interpreter (TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    from longcot.kernels.logprobs import triton_interpreted
+
+    if not triton_interpreted():
+        pytest.skip("Triton runs compiled here (TRITON_INTERPRET is not 1)")
+    monkeypatch.setenv("LONGCOT_KERNELS", "triton")
