@@ -216,6 +216,11 @@ def linear_token_logprobs_chunked(
 ):
     """The CPU path: logits one [chunk_rows x chunk_cols] tile at a time (default: up to 2048
     rows and about ``CHUNK_BYTES`` of fp32 per tile), forward and backward. Not re-checked."""
+    if chunk_rows is None and chunk_cols is None and 4 * hidden.shape[0] * weight.shape[0] <= CHUNK_BYTES:
+        # All the logits fit in one tile: holding them is what chunking would do anyway, and
+        # plain autograd is several times faster than the tile loop at small sizes (the
+        # built-in task's 20-token vocabulary).
+        return linear_token_logprobs_reference(hidden, weight, tokens, temperature, return_entropy)
     rows, cols = _tile_shape(hidden.shape[0], chunk_rows, chunk_cols)
     return _ChunkedLinearTokenLogprobs.apply(
         hidden, weight, tokens, float(temperature), bool(return_entropy), rows, cols

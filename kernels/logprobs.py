@@ -173,6 +173,8 @@ def token_logprobs_chunked(
 ):
     """The CPU path: like the reference, but over ``chunk_rows`` rows at a time (default: about
     ``CHUNK_BYTES`` of fp32 per chunk), forward and backward. Inputs are not re-checked."""
+    if chunk_rows is None and 4 * logits.numel() <= CHUNK_BYTES:  # one chunk: plain autograd is faster
+        return token_logprobs_reference(logits, tokens, temperature, return_entropy)
     shape = logits.shape[:-1]
     flat = _rows_2d(logits)
     rows = _chunk_rows(flat.shape[1], chunk_rows)

@@ -119,9 +119,12 @@ def test_chunked_no_tokens():
     assert torch.equal(weight.grad, torch.zeros_like(weight)) and hidden.grad.shape == (0, 8)
 
 
-def test_cpu_default_is_chunked():
+def test_cpu_default_is_chunked(monkeypatch):
     hidden, weight, tokens = _inputs(4, 20, 8, torch.float32)
     hidden.requires_grad_()
+    # Logits that fit in one tile take plain autograd; larger ones are tiled.
+    assert "Chunked" not in type(K.linear_token_logprobs(hidden, weight, tokens).grad_fn).__name__
+    monkeypatch.setattr(LL, "CHUNK_BYTES", 4 * 20 * 2)
     assert "Chunked" in type(K.linear_token_logprobs(hidden, weight, tokens).grad_fn).__name__
     with kernels_backend("reference"):
         assert "Chunked" not in type(K.linear_token_logprobs(hidden, weight, tokens).grad_fn).__name__

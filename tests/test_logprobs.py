@@ -126,9 +126,12 @@ def test_chunked_matches_reference(dtype, entropy):
     _compare(chunked, logits, tokens, 1.0, entropy, g_ent=False)
 
 
-def test_cpu_default_is_chunked_and_reference_is_forced():
+def test_cpu_default_is_chunked_and_reference_is_forced(monkeypatch):
     logits, tokens = _inputs((6,), 50, torch.float32)
     logits.requires_grad_()
+    # Logits that fit in one chunk take plain autograd; larger ones are chunked.
+    assert "Chunked" not in type(K.token_logprobs(logits, tokens).grad_fn).__name__
+    monkeypatch.setattr(L, "CHUNK_BYTES", 4 * 50 * 2)
     assert "Chunked" in type(K.token_logprobs(logits, tokens).grad_fn).__name__
     with kernels_backend("cpu"):
         assert "Chunked" in type(K.token_logprobs(logits, tokens).grad_fn).__name__
