@@ -22,7 +22,7 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 7\nrollout:\n  top_p: 0.9\n")
     cfg = load_config(path, ["steps=9"])
-    assert cfg.steps == 9 and cfg.rollout.top_p == 0.9 and cfg.rollout.max_new_tokens == 64
+    assert cfg.steps == 9 and cfg.rollout.top_p == 0.9 and cfg.rollout.max_new_tokens == 128
 
 
 def test_paper_example_loads():
