@@ -11,7 +11,8 @@ import torch
 
 from . import _checks
 from ._backend import cpu_extension, cpu_threads, select
-from ._scan_inputs import mask_for_cpu, values_for_cpu
+from ._scan_inputs import mask_for_cpu, scan_block_t, scan_params, values_for_cpu, values_for_triton
+from .logprobs import check_triton_device, jit, tl, triton_interpreted
 
 
 def _check(rewards: object, values: object, mask: object, gamma: object, lam: object):
@@ -51,12 +52,73 @@ def gae_reference(
     return advantages, advantages + v
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton: one program per sequence, walking time backwards a block at a time. delta is computed a
+# block at a time in registers (with V_{t+1} loaded shifted by one), then the recurrence runs over
+# the block's steps one by one, each step picking its delta out of the block with an exact masked
+# sum, so the result rounds like the reference's loop (up to fused multiply-adds on a GPU).
+
+
+def _gae_kernel(
+    r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, params_ptr,
+    T, stride_r, stride_v, stride_m, stride_out,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    gamma = tl.load(params_ptr)
+    decay = tl.load(params_ptr + 1)  # gamma * lam, rounded once like the reference's scalar
+    zero = gamma * 0
+    offs = tl.arange(0, BLOCK_T)
+    carry = zero
+    n_blocks = tl.cdiv(T, BLOCK_T)
+    for i in range(n_blocks):
+        cols = (n_blocks - 1 - i) * BLOCK_T + offs
+        valid = cols < T
+        nxt = (cols + 1) < T
+        m = tl.load(m_ptr + row * stride_m + cols, mask=valid, other=0).to(gamma.dtype)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=valid, other=0).to(gamma.dtype) * m
+        v = tl.load(v_ptr + row * stride_v + cols, mask=valid, other=0).to(gamma.dtype) * m
+        m1 = tl.load(m_ptr + row * stride_m + cols + 1, mask=nxt, other=0).to(gamma.dtype)
+        v1 = tl.load(v_ptr + row * stride_v + cols + 1, mask=nxt, other=0).to(gamma.dtype) * m1
+        delta = r + gamma * v1 - v
+        adv = tl.zeros((BLOCK_T,), gamma.dtype)
+        for j in tl.static_range(BLOCK_T):
+            sel = offs == (BLOCK_T - 1 - j)
+            carry = tl.sum(tl.where(sel, delta, 0.0), 0) + decay * carry
+            adv = tl.where(sel, carry, adv)
+        tl.store(adv_ptr + row * stride_out + cols, adv, mask=valid)
+        tl.store(ret_ptr + row * stride_out + cols, adv + v, mask=valid)
+
+
+def gae_triton(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path (CUDA, or the interpreter on CPU tensors). Inputs are not re-checked."""
+    check_triton_device(rewards)
+    dtype = _dtype(rewards, values)
+    batch, steps = rewards.shape
+    r, v, m = values_for_triton(rewards), values_for_triton(values), values_for_triton(mask)
+    adv = torch.empty(batch, steps, dtype=dtype, device=rewards.device)
+    ret = torch.empty_like(adv)
+    params = scan_params([gamma, gamma * lam], dtype, rewards.device)
+    interpreted = triton_interpreted()
+    block = scan_block_t(steps, interpreted)
+    if batch and steps:
+        jit(_gae_kernel)[(batch,)](
+            r, v, m, adv, ret, params, steps, r.stride(0), v.stride(0), m.stride(0), adv.stride(0),
+            BLOCK_T=block, **({} if interpreted else {"num_warps": 1}),
+        )
+    return adv, ret
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), each [B, T] in fp32 (fp64 when both inputs are fp64)."""
     rewards, values, mask, gamma, lam = _check(rewards, values, mask, gamma, lam)
-    impl = select(rewards.device, cpu=True, triton=False)
+    impl = select(rewards.device, cpu=True, triton=True)
+    if impl == "triton":
+        return gae_triton(rewards, values, mask, gamma, lam)
     if impl == "cpu":
         dtype = _dtype(rewards, values)
         adv, ret = cpu_extension().gae(

@@ -74,3 +74,33 @@ def test_cpu_matches_reference_random(batch, steps, gammas, seed):
 def test_bad_input(rewards, mask, gammas, match, backend):
     with kernels_backend(backend), pytest.raises(ValueError, match=match):
         K.discounted_returns(rewards, mask, gammas)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_triton_interpreter_matches_reference(triton_interpreter, dtype, channels):
+    # T = 19: three 8-step blocks; a full row, a fully masked row, a length-1 row, one with holes.
+    gen = torch.Generator().manual_seed(4)
+    rewards = torch.randn(4, 19, channels, generator=gen).to(dtype)
+    mask = torch.ones(4, 19, dtype=torch.bool)
+    mask[1] = False
+    mask[2, 1:] = False
+    mask[3] = torch.rand(19, generator=gen) > 0.3
+    gammas = [1.0, 0.99, 0.5][:channels]
+    expected = K.discounted_returns_reference(rewards, mask, gammas)
+    got = K.discounted_returns(rewards, mask, gammas)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 1, 1), (2, 4, 0), (0, 3, 1)])
+def test_triton_interpreter_edge_shapes(triton_interpreter, shape):
+    rewards = torch.randn(shape)
+    mask = torch.ones(shape[:2], dtype=torch.int64)
+    gammas = [0.9] * shape[2]
+    torch.testing.assert_close(
+        K.discounted_returns(rewards, mask, gammas),
+        K.discounted_returns_reference(rewards, mask, gammas),
+        rtol=1e-6, atol=1e-6,
+    )
