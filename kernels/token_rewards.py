@@ -15,6 +15,7 @@ import torch
 from . import _checks
 from ._backend import select
 from .kl import ESTIMATORS, kl_penalty_reference
+from .logprobs import check_triton_device, jit, tl, triton, triton_interpreted
 
 
 def _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator):
@@ -66,6 +67,94 @@ def token_rewards_reference(
     return rewards * m.unsqueeze(-1), kl
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton: one program per sequence, one pass over time in blocks of [BLOCK_T, C]: the per-token KL
+# (masked), the dense channels minus each channel's KL share, all masked, while counting the valid
+# tokens; then the last valid position is rewritten as (sparse + dense - share) * mask, the
+# reference's order of operations.
+
+
+def _token_rewards_kernel(
+    sparse_ptr, dense_ptr, logp_ptr, ref_ptr, m_ptr, rewards_ptr, kl_ptr,
+    T, C, share,
+    stride_sb, stride_db, stride_dt, stride_lb, stride_rb, stride_mb,
+    EST: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    chans = tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    count = tl.zeros((), tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        cols = t0 + offs
+        valid = cols < T
+        m = tl.load(m_ptr + row * stride_mb + cols, mask=valid, other=0).to(tl.float32)
+        count += tl.sum((m != 0).to(tl.int32), 0)
+        d = tl.load(logp_ptr + row * stride_lb + cols, mask=valid, other=0).to(tl.float32) - tl.load(
+            ref_ptr + row * stride_lb + cols, mask=valid, other=0
+        ).to(tl.float32)
+        if EST == 1:
+            d = 0.5 * (d * d)
+        elif EST == 2:
+            d = tl.exp(-d) + d - 1.0
+        kl = d * m
+        tl.store(kl_ptr + row * T + cols, kl, mask=valid)
+        both = valid[:, None] & cmask[None, :]
+        r = -(share * kl)[:, None] + tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+        if HAS_DENSE:
+            dense = tl.load(
+                dense_ptr + row * stride_db + cols[:, None] * stride_dt + chans[None, :],
+                mask=both, other=0,
+            ).to(tl.float32)
+            r = dense - (share * kl)[:, None]
+        out = rewards_ptr + row * stride_rb + cols[:, None] * C + chans[None, :]
+        tl.store(out, r * m[:, None], mask=both)
+    if count > 0:
+        last = count.to(tl.int64) - 1
+        m = tl.load(m_ptr + row * stride_mb + last).to(tl.float32)
+        kl = tl.load(kl_ptr + row * T + last)
+        sp = tl.load(sparse_ptr + row * stride_sb + chans, mask=cmask, other=0).to(tl.float32)
+        if HAS_DENSE:
+            sp = sp + tl.load(
+                dense_ptr + row * stride_db + last * stride_dt + chans, mask=cmask, other=0
+            ).to(tl.float32)
+        r = (sp - share * kl) * m
+        tl.store(rewards_ptr + row * stride_rb + last * C + chans, r, mask=cmask)
+
+
+def token_rewards_triton(
+    sparse: torch.Tensor,
+    dense: torch.Tensor | None,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path (CUDA, or the interpreter on CPU tensors). Inputs are not re-checked."""
+    check_triton_device(logp)
+    batch, steps = logp.shape
+    channels = sparse.shape[1]
+    rewards = torch.empty(batch, steps, channels, dtype=torch.float32, device=logp.device)
+    kl = torch.empty(batch, steps, dtype=torch.float32, device=logp.device)
+    if not (batch and steps):
+        return rewards, kl
+    a, b = logp.contiguous(), ref_logp.contiguous()
+    m = (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
+    sp = sparse.contiguous()
+    dn = None if dense is None else dense.contiguous()
+    interpreted = triton_interpreted()
+    jit(_token_rewards_kernel)[(batch,)](
+        sp, a if dn is None else dn, a, b, m, rewards, kl,
+        steps, channels, kl_coef / channels if channels else 0.0,
+        sp.stride(0), 0 if dn is None else dn.stride(0), 0 if dn is None else dn.stride(1),
+        a.stride(0), rewards.stride(0), m.stride(0),
+        EST=ESTIMATORS.index(estimator), HAS_DENSE=dn is not None,
+        BLOCK_T=16 if interpreted else 256, BLOCK_C=triton.next_power_of_2(max(channels, 1)),
+    )
+    return rewards, kl
+
+
 def token_rewards(
     sparse: torch.Tensor,
     dense: torch.Tensor | None,
@@ -78,5 +167,6 @@ def token_rewards(
     """(rewards [B, T, C], kl [B, T]), fp32. Rows must be right-padded: the sparse reward lands at
     position (number of valid tokens - 1)."""
     args = _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator)
-    select(logp.device, cpu=False, triton=False)
+    if select(logp.device, cpu=False, triton=True) == "triton":
+        return token_rewards_triton(*args)
     return token_rewards_reference(*args)

@@ -56,3 +56,34 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         K.token_rewards(**args)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_dense", [False, True])
+def test_triton_interpreter_matches_reference(triton_interpreter, estimator, dtype, with_dense):
+    # T = 37: three 16-step blocks; a full row, a fully masked row, a length-1 row, a length-20
+    # row; C = 3 channels (padded to 4 in the kernel).
+    batch, steps, channels = 4, 37, 3
+    logp, ref = torch.randn(batch, steps).to(dtype), torch.randn(batch, steps).to(dtype)
+    lengths = torch.tensor([steps, 0, 1, 20])
+    mask = torch.arange(steps)[None] < lengths[:, None]
+    sparse = torch.randn(batch, channels).to(dtype)
+    dense = torch.randn(batch, steps, channels).to(dtype) if with_dense else None
+    rewards, kl = K.token_rewards(sparse, dense, logp, ref, mask, 0.3, estimator)
+    expected_rewards, expected_kl = K.token_rewards_reference(sparse, dense, logp, ref, mask, 0.3, estimator)
+    assert rewards.dtype == kl.dtype == torch.float32
+    torch.testing.assert_close(kl, expected_kl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rewards, expected_rewards, rtol=1e-6, atol=1e-6)
+    assert (rewards[1] == 0).all() and (kl[1] == 0).all()
+
+
+@pytest.mark.parametrize("batch, steps, channels", [(1, 1, 1), (2, 1, 2), (2, 5, 0), (0, 4, 2)])
+def test_triton_interpreter_edge_shapes(triton_interpreter, batch, steps, channels):
+    logp, ref = torch.randn(batch, steps), torch.randn(batch, steps)
+    mask = torch.ones(batch, steps, dtype=torch.int32)
+    sparse = torch.randn(batch, channels)
+    got = K.token_rewards(sparse, None, logp, ref, mask, 0.1, "k1")
+    expected = K.token_rewards_reference(sparse, None, logp, ref, mask, 0.1, "k1")
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
