@@ -17,6 +17,7 @@ import torch
 
 from . import _checks
 from ._backend import select
+from .logprobs import check_triton_device, jit, tl, triton_interpreted
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -87,6 +88,180 @@ def ppo_policy_loss_reference(
     return aggregate(loss, m, agg), stats
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton: the tokens as rows ([B, T] as is; any other shape, token-mean only, as rows of its last
+# dimension). The forward kernel, one program per row, writes the row's masked sums (loss, mask,
+# clipped tokens, -log ratio, dual-clipped tokens); the aggregation combines those [R] sums. The
+# backward kernel, one program per row, writes d loss / d logp = g * w_row * m * d loss_t / d logp,
+# with torch's subgradients at ties (maximum/minimum split the gradient in half, clamp passes it at
+# the bounds).
+
+_N_SUMS = 5  # loss, mask, clip, -log ratio, dual clip
+
+
+def _ppo_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, m_ptr, sums_ptr,
+    T, lo, hi, dual,
+    HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr, N_SUMS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    acc_loss = tl.zeros((BLOCK_T,), tl.float32)
+    acc_m = tl.zeros((BLOCK_T,), tl.float32)
+    acc_clip = tl.zeros((BLOCK_T,), tl.float32)
+    acc_kl = tl.zeros((BLOCK_T,), tl.float32)
+    acc_dual = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        cols = row * T + t0 + offs
+        valid = (t0 + offs) < T
+        m = tl.load(m_ptr + cols, mask=valid, other=0).to(tl.float32)
+        adv = tl.load(adv_ptr + cols, mask=valid, other=0).to(tl.float32)
+        log_ratio = tl.load(logp_ptr + cols, mask=valid, other=0).to(tl.float32) - tl.load(
+            old_ptr + cols, mask=valid, other=0
+        ).to(tl.float32)
+        ratio = tl.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+        loss = tl.maximum(unclipped, clipped)
+        if HAS_DUAL:
+            capped = tl.where(adv < 0, tl.minimum(loss, -adv * dual), loss)
+            acc_dual += tl.where(capped < loss, m, 0.0)
+            loss = capped
+        acc_loss += loss * m
+        acc_m += m
+        acc_clip += tl.where(clipped > unclipped, m, 0.0)
+        acc_kl += -log_ratio * m
+    tl.store(sums_ptr + row * N_SUMS, tl.sum(acc_loss, 0))
+    tl.store(sums_ptr + row * N_SUMS + 1, tl.sum(acc_m, 0))
+    tl.store(sums_ptr + row * N_SUMS + 2, tl.sum(acc_clip, 0))
+    tl.store(sums_ptr + row * N_SUMS + 3, tl.sum(acc_kl, 0))
+    tl.store(sums_ptr + row * N_SUMS + 4, tl.sum(acc_dual, 0))
+
+
+def _ppo_bwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, m_ptr, scale_ptr, grad_ptr,
+    T, lo, hi, dual,
+    HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    scale = tl.load(scale_ptr + row)  # g * the row's aggregation weight
+    for t0 in range(0, T, BLOCK_T):
+        cols = row * T + t0 + offs
+        valid = (t0 + offs) < T
+        m = tl.load(m_ptr + cols, mask=valid, other=0).to(tl.float32)
+        adv = tl.load(adv_ptr + cols, mask=valid, other=0).to(tl.float32)
+        log_ratio = tl.load(logp_ptr + cols, mask=valid, other=0).to(tl.float32) - tl.load(
+            old_ptr + cols, mask=valid, other=0
+        ).to(tl.float32)
+        ratio = tl.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+        g_unclipped = -adv * ratio
+        g_clipped = tl.where((ratio >= lo) & (ratio <= hi), g_unclipped, 0.0)
+        d = tl.where(
+            unclipped > clipped,
+            g_unclipped,
+            tl.where(unclipped < clipped, g_clipped, 0.5 * (g_unclipped + g_clipped)),
+        )
+        if HAS_DUAL:
+            loss = tl.maximum(unclipped, clipped)
+            cap = -adv * dual
+            d_capped = tl.where(loss < cap, d, tl.where(loss == cap, 0.5 * d, 0.0))
+            d = tl.where(adv < 0, d_capped, d)
+        tl.store(grad_ptr + cols, d * (m * scale), mask=valid)
+
+
+def _ppo_rows(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if t.dim() == 2:
+        return t.contiguous()
+    return t.reshape(-1, t.shape[-1]).contiguous() if t.dim() > 1 else t.reshape(1, -1).contiguous()
+
+
+def _ppo_block_t(interpreted: bool) -> int:
+    return 16 if interpreted else 1024
+
+
+def _ppo_row_weights(sums: torch.Tensor, agg: str) -> torch.Tensor:
+    """[R] weight of each row's masked per-token losses in the aggregated loss."""
+    tokens = sums[:, 1]
+    if agg == "token-mean":
+        return (1.0 / tokens.sum().clamp_min(1e-8)).expand_as(tokens)
+    rows = (tokens > 0).to(torch.float32)
+    w = rows / rows.sum().clamp_min(1.0)
+    if agg == "seq-mean-token-mean":
+        w = w / tokens.clamp_min(1e-8)
+    return w
+
+
+class _TritonPPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, lo, hi, dual, agg):
+        rows, steps = logp.shape
+        sums = torch.zeros(rows, _N_SUMS, dtype=torch.float32, device=logp.device)
+        interpreted = triton_interpreted()
+        if rows and steps:
+            jit(_ppo_fwd_kernel)[(rows,)](
+                logp, old_logp, adv, mask, sums, steps, lo, hi,
+                float(dual) if dual is not None else 0.0,
+                HAS_DUAL=dual is not None, BLOCK_T=_ppo_block_t(interpreted), N_SUMS=_N_SUMS,
+            )
+        tokens = sums[:, 1]
+        denom = tokens.sum().clamp_min(1e-8)
+        if agg == "token-mean":
+            loss = sums[:, 0].sum() / denom
+        else:
+            per_seq = sums[:, 0]
+            if agg == "seq-mean-token-mean":
+                per_seq = per_seq / tokens.clamp_min(1e-8)
+            nonempty = (tokens > 0).to(torch.float32)
+            loss = (per_seq * nonempty).sum() / nonempty.sum().clamp_min(1.0)
+        stats = sums[:, 2:].sum(0) / denom  # clip_frac, approx_kl, dual_clip_frac
+        ctx.save_for_backward(logp, old_logp, adv, mask, sums)
+        ctx.lo, ctx.hi, ctx.dual, ctx.agg = lo, hi, dual, agg
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        logp, old_logp, adv, mask, sums = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or g_loss is None:
+            return (None,) * 8
+        rows, steps = logp.shape
+        scale = (_ppo_row_weights(sums, ctx.agg) * g_loss.float()).contiguous()
+        grad = torch.empty(rows, steps, dtype=torch.float32, device=logp.device)
+        if rows and steps:
+            jit(_ppo_bwd_kernel)[(rows,)](
+                logp, old_logp, adv, mask, scale, grad, steps, ctx.lo, ctx.hi,
+                float(ctx.dual) if ctx.dual is not None else 0.0,
+                HAS_DUAL=ctx.dual is not None, BLOCK_T=_ppo_block_t(triton_interpreted()),
+            )
+        return grad.to(logp.dtype), None, None, None, None, None, None, None
+
+
+def ppo_policy_loss_triton(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Triton path (CUDA, or the interpreter on CPU tensors). Inputs are not re-checked."""
+    check_triton_device(logp)
+    rows = [_ppo_rows(t) for t in (logp, old_logp, advantages, mask)]
+    loss, stats = _TritonPPOLoss.apply(*rows, 1.0 - clip_low, 1.0 + clip_high, dual_clip, agg)
+    out = {}
+    if dual_clip is not None:
+        out["dual_clip_frac"] = stats[2]
+    out["clip_frac"], out["approx_kl"] = stats[0], stats[1]
+    return loss, out
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -101,5 +276,6 @@ def ppo_policy_loss(
     ``clip_frac`` (share of valid tokens where the clipped branch is taken), ``approx_kl`` (mean of
     old_logp - logp) and, with a dual clip, ``dual_clip_frac``."""
     args = _check(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
-    select(args[0].device, cpu=False, triton=False)
+    if select(args[0].device, cpu=False, triton=True) == "triton":
+        return ppo_policy_loss_triton(*args)
     return ppo_policy_loss_reference(*args)

@@ -84,3 +84,70 @@ def test_bad_shapes():
         K.ppo_policy_loss(x, x, torch.zeros(3), x)
     with pytest.raises(ValueError, match="logp: expected 2 dimensions"):
         K.ppo_policy_loss(torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6), agg="seq-mean-token-sum")
+
+
+def _ppo_inputs(shape, dtype=torch.float32, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(shape, generator=gen) * 3).to(dtype)
+    old = (logp.float() + 0.4 * torch.randn(shape, generator=gen)).to(dtype)  # ratios around 1
+    adv = torch.randn(shape, generator=gen).to(dtype)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    return logp, old, adv, mask
+
+
+def _compare_ppo(logp, old, adv, mask, **kwargs):
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, stats = K.ppo_policy_loss(x, old, adv, mask, **kwargs)
+    ref_loss, ref_stats = K.ppo_policy_loss_reference(y, old, adv, mask, **kwargs)
+    assert "Triton" in type(loss.grad_fn).__name__
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert list(stats) == list(ref_stats)
+    for name in stats:
+        assert not stats[name].requires_grad
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=1e-5, atol=1e-6)
+    (3.0 * loss).backward()
+    (3.0 * ref_loss).backward()
+    assert x.grad.dtype == logp.dtype
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", K.AGGREGATIONS)
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+def test_triton_interpreter_matches_reference(triton_interpreter, agg, dual_clip):
+    # T = 37: three 16-wide blocks; row 1 fully masked, row 2 of length 1.
+    logp, old, adv, mask = _ppo_inputs((4, 37))
+    mask[1] = False
+    mask[2] = False
+    mask[2, 0] = True
+    _compare_ppo(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
+
+
+def test_triton_interpreter_bf16_and_float_mask(triton_interpreter):
+    logp, old, adv, mask = _ppo_inputs((3, 20), torch.bfloat16)
+    _compare_ppo(logp, old, adv, mask.float(), dual_clip=3.0, agg="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize(
+    "shape, agg", [((1, 1), "seq-mean-token-sum"), ((3, 1), "token-mean"), ((13,), "token-mean"),
+                   ((2, 3, 5), "token-mean")],
+)
+def test_triton_interpreter_shapes(triton_interpreter, shape, agg):
+    _compare_ppo(*_ppo_inputs(shape), agg=agg)
+
+
+def test_triton_interpreter_all_masked_and_non_contiguous(triton_interpreter):
+    logp, old, adv, mask = _ppo_inputs((6, 4))
+    loss, stats = K.ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), agg="seq-mean-token-mean")
+    assert loss.item() == 0.0 and stats["clip_frac"].item() == 0.0
+    _compare_ppo(logp.t(), old.t(), adv.t(), mask.t(), dual_clip=1.5)
+
+
+def test_triton_interpreter_ties_take_torch_subgradients(triton_interpreter):
+    # ratio exactly 1 = the lower clip bound with clip_low = 0 (clamp passes the gradient there),
+    # and A = 0 (maximum's tie splits it in half: both halves are 0 here).
+    logp = torch.tensor([[0.0, 0.0, 0.5, -0.5]])
+    adv = torch.tensor([[1.0, -2.0, 0.0, 0.0]])
+    mask = torch.ones(1, 4)
+    _compare_ppo(logp, torch.zeros_like(logp), adv, mask, clip_low=0.0, clip_high=0.0)
+    _compare_ppo(logp, torch.zeros_like(logp), adv, mask, clip_low=0.0, clip_high=0.5, dual_clip=1.5)
