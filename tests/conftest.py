@@ -44,3 +44,15 @@ def triton_interpreter(monkeypatch):
     if not triton_interpreted():
         pytest.skip("Triton runs compiled here (TRITON_INTERPRET is not 1)")
     monkeypatch.setenv("LONGCOT_KERNELS", "triton")
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    """For the GPU modules: compiled Triton on CUDA tensors, whatever LONGCOT_KERNELS says."""
+    from longcot.kernels.logprobs import triton_interpreted
+
+    if triton_interpreted():
+        pytest.skip("TRITON_INTERPRET=1: these tests are for compiled Triton")
+    monkeypatch.delenv("LONGCOT_KERNELS", raising=False)  # auto: Triton for CUDA tensors
+    yield
+    torch.cuda.empty_cache()

@@ -12,20 +12,10 @@ import longcot.kernels as K
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("compiled_triton"),
 ]
 
 VOCAB = 151_936
-
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
-    from longcot.kernels.logprobs import triton_interpreted
-
-    if triton_interpreted():
-        pytest.skip("TRITON_INTERPRET=1: these tests are for compiled Triton")
-    monkeypatch.delenv("LONGCOT_KERNELS", raising=False)  # auto: Triton for CUDA tensors
-    yield
-    torch.cuda.empty_cache()
 
 
 def _grads(fn, inputs, tokens, temperature, g_logp, g_ent):
