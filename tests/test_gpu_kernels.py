@@ -84,3 +84,44 @@ def test_ppo_policy_loss_real_size(agg, dual_clip):
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-9)
+
+
+def _rep_tokens(batch, steps, alphabet, device="cuda"):
+    # Random ids, then a loop (a 50-token cycle) from a quarter of the way in, as degenerate
+    # long chains of thought do.
+    tokens = torch.randint(0, alphabet, (batch, steps), device=device)
+    cycle = torch.randint(0, alphabet, (batch, 50), device=device)
+    start = steps // 4
+    tokens[:, start:] = cycle[:, torch.arange(steps - start, device=device) % 50]
+    return tokens
+
+
+@pytest.mark.parametrize("only_start", [False, True])
+@pytest.mark.parametrize("n, alphabet", [(40, 200), (3, 4), (1, 1000)])
+def test_repetition_real_size(n, alphabet, only_start, monkeypatch):
+    # B = 512, T = 16,384 against the C++ path (itself tested exact against the reference).
+    batch, steps = 512, 16_384
+    tokens = _rep_tokens(batch, steps, alphabet)
+    lengths = torch.randint(0, steps + 1, (batch,), device="cuda")
+    lengths[0], lengths[1], lengths[2] = steps, 0, n - 1
+    mask = K.repetition_mask(tokens, lengths, n, only_start)
+    ratio = K.repetition_ratio(tokens, lengths, n)
+    assert mask.is_cuda and ratio.is_cuda
+    monkeypatch.setenv("LONGCOT_KERNELS", "cpu")
+    expected = K.repetition_mask(tokens.cpu(), lengths.cpu(), n, only_start)
+    assert torch.equal(mask.cpu(), expected)
+    assert torch.equal(ratio.cpu(), K.repetition_ratio(tokens.cpu(), lengths.cpu(), n))
+
+
+@pytest.mark.parametrize("only_start", [False, True])
+def test_repetition_against_reference_and_collisions(only_start):
+    from longcot.kernels.repetition import repetition_mask_triton
+
+    tokens = _rep_tokens(16, 700, 3)
+    lengths = torch.randint(0, 701, (16,), device="cuda")
+    for n in (1, 2, 5, 40, 800):
+        expected = K.repetition_mask_reference(tokens.cpu(), lengths.cpu(), n, only_start)
+        assert torch.equal(K.repetition_mask(tokens, lengths, n, only_start).cpu(), expected)
+        # Keys cut to 2 bits: nearly every distinct n-gram collides; marks stay exact.
+        got = repetition_mask_triton(tokens, lengths, n, only_start, key_mask=3)
+        assert torch.equal(got.cpu(), expected)

@@ -160,9 +160,116 @@ def test_cpu_is_the_default_on_cpu(monkeypatch):
         ([[1, 2]], torch.tensor([2]), 1, "tokens: expected a torch.Tensor"),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_bad_input(tokens, lengths, n, match, backend):
     with kernels_backend(backend):
         for fn in (K.repetition_mask, K.repetition_ratio):
             with pytest.raises(ValueError, match=match):
                 fn(tokens, lengths, n)
+
+
+# --- Triton (the interpreter on CPU tensors) against the reference ---------------------------
+
+
+def _triton_cases(gen):
+    return [
+        torch.randint(0, 3, (3, 40), generator=gen),
+        periodic(2, 48, 5, 50, gen),
+        periodic(2, 30, 1, 2, gen),
+        torch.randint(0, 10**6, (2, 24), generator=gen),
+    ]
+
+
+@pytest.mark.parametrize("only_start", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 60])
+def test_triton_matches_reference(triton_interpreter, n, only_start):
+    gen = torch.Generator().manual_seed(n)
+    for tokens in _triton_cases(gen):
+        lengths = torch.randint(0, tokens.shape[1] + 1, (tokens.shape[0],), generator=gen)
+        lengths[0], lengths[-1] = tokens.shape[1], 0
+        expected = K.repetition_mask_reference(tokens, lengths, n, only_start)
+        assert torch.equal(K.repetition_mask(tokens, lengths, n, only_start), expected)
+        assert torch.equal(K.repetition_ratio(tokens, lengths, n),
+                           K.repetition_ratio_reference(tokens, lengths, n))
+
+
+@given(
+    data=st.data(),
+    batch=st.integers(1, 3),
+    steps=st.integers(1, 24),
+    n=st.integers(1, 6),
+    alphabet=st.integers(1, 3),
+    only_start=st.booleans(),
+)
+def test_triton_matches_reference_random(data, batch, steps, n, alphabet, only_start):
+    pytest.importorskip("triton")
+    from longcot.kernels.logprobs import triton_interpreted
+
+    if not triton_interpreted():
+        pytest.skip("Triton runs compiled here (TRITON_INTERPRET is not 1)")
+    tokens = torch.tensor(
+        data.draw(st.lists(st.lists(st.integers(0, alphabet - 1), min_size=steps, max_size=steps),
+                           min_size=batch, max_size=batch))
+    )
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, steps), min_size=batch, max_size=batch)))
+    expected = K.repetition_mask_reference(tokens, lengths, n, only_start)
+    with kernels_backend("triton"):
+        assert torch.equal(K.repetition_mask(tokens, lengths, n, only_start), expected)
+        assert torch.equal(K.repetition_ratio(tokens, lengths, n),
+                           K.repetition_ratio_reference(tokens, lengths, n))
+
+
+@pytest.mark.parametrize("key_mask", [0, 1, 3])
+@pytest.mark.parametrize("only_start", [False, True])
+def test_triton_forced_hash_collisions_never_mark(triton_interpreter, key_mask, only_start):
+    # With only the key's low bits kept, most distinct n-grams share a key: the token comparison
+    # alone has to keep them apart.
+    from longcot.kernels.repetition import repetition_mask_triton, repetition_ratio_triton
+
+    gen = torch.Generator().manual_seed(key_mask)
+    for tokens in _triton_cases(gen):
+        lengths = torch.randint(0, tokens.shape[1] + 1, (tokens.shape[0],), generator=gen)
+        lengths[0] = tokens.shape[1]
+        for n in (1, 2, 4):
+            expected = K.repetition_mask_reference(tokens, lengths, n, only_start)
+            got = repetition_mask_triton(tokens, lengths, n, only_start, key_mask=key_mask)
+            assert torch.equal(got, expected)
+            assert torch.equal(repetition_ratio_triton(tokens, lengths, n, key_mask=key_mask),
+                               K.repetition_ratio_reference(tokens, lengths, n))
+    distinct = torch.arange(40, dtype=torch.long).reshape(1, -1)
+    assert not repetition_mask_triton(distinct, torch.tensor([40]), 2, key_mask=key_mask).any()
+
+
+def test_triton_edges(triton_interpreter):
+    tokens = T([4, 4, 4], [1, 2, 3])
+    lengths = torch.tensor([0, 3])
+    assert not K.repetition_mask(tokens, lengths, 1)[0].any()  # length 0
+    assert not K.repetition_mask(tokens, lengths, 4).any()  # n > T
+    assert K.repetition_ratio(tokens, lengths, 4).tolist() == [0.0, 0.0]
+    assert K.repetition_mask(T([7, 7, 8, 7]), torch.tensor([4]), 1).tolist() == [[False, True, False, True]]
+    assert K.repetition_mask(T([3, 3, 3, 3, 3, 3]), torch.tensor([3]), 1).tolist() == [
+        [False, True, True, False, False, False]
+    ]
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    assert K.repetition_mask(empty, torch.zeros(0, dtype=torch.long), 2).shape == (0, 5)
+    assert K.repetition_ratio(empty, torch.zeros(0, dtype=torch.long), 2).shape == (0,)
+
+
+def test_triton_extreme_token_ids_and_int32_input(triton_interpreter):
+    big = torch.iinfo(torch.int64).max
+    tokens = T([big, -1, big, -1, big, 0], [-big - 1, 2**31 - 1, -big - 1, 2**31 - 1, 0, 0])
+    lengths = torch.tensor([6, 6])
+    for n in (1, 2):
+        assert torch.equal(K.repetition_mask(tokens, lengths, n),
+                           K.repetition_mask_reference(tokens, lengths, n))
+    small = torch.tensor([[1, 2, 1, 2]], dtype=torch.int32)
+    assert K.repetition_mask(small, torch.tensor([4], dtype=torch.int32), 2).tolist() == [
+        [False, False, True, True]
+    ]
+
+
+def test_triton_hash_collisions_never_mark(triton_interpreter):
+    # Ids that are equal modulo the hash's prime (2^31 - 1) hash alike; the tokens tell them apart.
+    tokens = (torch.arange(30, dtype=torch.long) * (2**31 - 1)).reshape(1, -1)
+    assert not K.repetition_mask(tokens, torch.tensor([30]), 3).any()
+    assert K.repetition_ratio(tokens, torch.tensor([30]), 3).item() == 0.0
