@@ -14,6 +14,12 @@ were built. Forward, and forward + backward. ``--device cuda`` runs them on CUDA
 GPU shapes; ``--device cuda --small`` without a GPU but with ``TRITON_INTERPRET=1`` runs the
 same code path on CPU tensors through Triton's interpreter.
 
+GPU speed rows (``--device cuda``, B = 512, T = 16,384): the Triton kernels against the
+references on the same device (`gae` and `discounted_returns` per-time-step loops, `kl_penalty`,
+`token_rewards`, `ppo_policy_loss` forward + backward in eager PyTorch), and `repetition_mask` /
+`repetition_ratio` on the GPU against the C++ path on CPU tensors. CUDA work is synchronised
+around every timed call.
+
 Prints tables and writes JSON.
 """
 
@@ -111,6 +117,92 @@ def build_cases(small: bool = False, seed: int = 0) -> list[Case]:
     ]
 
 
+
+def _gpu_tensors(small: bool) -> tuple[str, str]:
+    """(tensor device, LONGCOT_KERNELS for the longcot side) of the ``--device cuda`` rows: CUDA
+    and ``auto``, or (``--small`` without a GPU) CPU tensors through Triton's interpreter."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not small:
+        raise SystemExit("longcot bench kernels --device cuda: no CUDA device (try --small "
+                         "with TRITON_INTERPRET=1 to run the code path on the CPU)")
+    if not on_gpu:
+        from longcot.kernels.logprobs import triton_interpreted
+
+        if not triton_interpreted():
+            raise SystemExit("longcot bench kernels --device cuda --small without CUDA "
+                             "needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return ("cuda", "auto") if on_gpu else ("cpu", "triton")
+
+
+def _with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with forced_backend(name):
+            return fn()
+
+    return call
+
+
+def _ppo_step(op: Callable, logp: torch.Tensor, *args) -> Callable[[], object]:
+    def call():
+        x = logp.detach().requires_grad_()
+        loss, stats = op(x, *args)
+        loss.backward()
+        return loss.detach(), x.grad, *(stats[k] for k in sorted(stats))
+
+    return call
+
+
+def build_gpu_cases(small: bool = False, seed: int = 0) -> list[Case]:
+    """The issue's GPU speed rows (``--device cuda``): B = 512, T = 16,384. The baselines are the
+    per-time-step PyTorch references on the same device, and for `repetition_mask` the C++ path
+    on the CPU (the tokens already in host memory: the round trip is not counted)."""
+    device, backend = _gpu_tensors(small)
+    batch, steps, n = (4, 48, 5) if small else (512, 16384, 40)
+    gen = torch.Generator().manual_seed(seed)
+    shape = f"B={batch} T={steps}"
+
+    tokens_cpu = _looping_tokens(gen, batch, steps)
+    lengths_cpu = _random_lengths(gen, batch, steps)
+    tokens, lengths = tokens_cpu.to(device), lengths_cpu.to(device)
+    mask = (torch.arange(steps)[None, :] < lengths_cpu[:, None]).to(device)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(device)
+
+    rewards, values, rewards2 = randn(batch, steps), randn(batch, steps), randn(batch, steps, 2)
+    logp = -3 * torch.rand(batch, steps, generator=gen).to(device)
+    ref_logp = logp + 0.1 * randn(batch, steps)
+    old_logp = logp + 0.3 * randn(batch, steps)
+    adv = randn(batch, steps)
+    sparse, dense = randn(batch, 2), randn(batch, steps, 2)
+    gammas = (1.0, 0.99)
+    ppo_args = (old_logp, adv, mask, 0.2, 0.28, 3.0, "token-mean")
+    fast = lambda fn: _with_backend(backend, fn)  # noqa: E731
+
+    return [
+        Case("gae", f"{shape} {device}",
+             lambda: K.gae_reference(rewards, values, mask, 1.0, 0.95),
+             fast(lambda: K.gae(rewards, values, mask, 1.0, 0.95)), 200.0),
+        Case("repetition_mask", f"{shape} n={n} looping, vs C++ CPU",
+             _with_backend("cpu", lambda: K.repetition_mask(tokens_cpu, lengths_cpu, n)),
+             fast(lambda: K.repetition_mask(tokens, lengths, n)), 10.0),
+        Case("repetition_ratio", f"{shape} n={n} looping, vs C++ CPU",
+             _with_backend("cpu", lambda: K.repetition_ratio(tokens_cpu, lengths_cpu, n)),
+             fast(lambda: K.repetition_ratio(tokens, lengths, n)), None),
+        Case("discounted_returns", f"{shape} C=2 {device}",
+             lambda: K.discounted_returns_reference(rewards2, mask, gammas),
+             fast(lambda: K.discounted_returns(rewards2, mask, gammas)), None),
+        Case("kl_penalty", f"{shape} k3 {device}",
+             lambda: K.kl_penalty_reference(logp, ref_logp, "k3"),
+             fast(lambda: K.kl_penalty(logp, ref_logp, "k3")), None),
+        Case("token_rewards", f"{shape} C=2 k3 {device}",
+             lambda: K.token_rewards_reference(sparse, dense, logp, ref_logp, mask, 0.05, "k3"),
+             fast(lambda: K.token_rewards(sparse, dense, logp, ref_logp, mask, 0.05, "k3")), None),
+        Case("ppo_policy_loss", f"{shape} fwd+bwd {device}",
+             _ppo_step(K.ppo_policy_loss_reference, logp, *ppo_args),
+             fast(_ppo_step(K.ppo_policy_loss, logp, *ppo_args)), None),
+    ]
+
 @dataclass
 class MemCase:
     """One memory row: an op, forward or forward + backward, eager vs longcot in subprocesses."""
@@ -144,18 +236,8 @@ def logprob_cases(device: str = "cpu", small: bool = False) -> list[MemCase]:
     H=4096 (bf16). ``device="cuda"`` without CUDA (small runs only) uses CPU tensors and the
     Triton interpreter."""
     if device == "cuda":
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu and not small:
-            raise SystemExit("longcot bench kernels --device cuda: no CUDA device (try --small "
-                             "with TRITON_INTERPRET=1 to run the code path on the CPU)")
-        if not on_gpu:
-            from longcot.kernels.logprobs import triton_interpreted
-
-            if not triton_interpreted():
-                raise SystemExit("longcot bench kernels --device cuda --small without CUDA "
-                                 "needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        tensors, backend = _gpu_tensors(small)
         n, vocab, hidden, dtype = (64, 300, 32, "bfloat16") if small else (16384, 151936, 4096, "bfloat16")
-        tensors, backend = ("cuda", "auto") if on_gpu else ("cpu", "triton")
         return [
             MemCase("token_logprobs", False, n, vocab, hidden, dtype, tensors, backend, 1 if small else 5, 1 / 3, None),
             MemCase("token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
@@ -361,28 +443,36 @@ def _fmt_bytes(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_fn(fn: Callable[[], object], min_seconds: float, min_repeats: int) -> float:
-    """Best wall time of repeated calls, after one warm-up call."""
+    """Best wall time of repeated calls, after one warm-up call (CUDA work waited for)."""
     fn()
     best, spent, repeats = float("inf"), 0.0, 0
     while repeats < min_repeats or spent < min_seconds:
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         elapsed = time.perf_counter() - start
         best, spent, repeats = min(best, elapsed), spent + elapsed, repeats + 1
     return best
 
 
-def _assert_same(op: str, expected: object, got: object) -> None:
+def _assert_same(op: str, expected: object, got: object, tol: float = 1e-6, what: str = "C++") -> None:
     exp = expected if isinstance(expected, tuple) else (expected,)
     out = got if isinstance(got, tuple) else (got,)
     for e, g in zip(exp, out):
+        g = g.to(e.device)
         if e.dtype == torch.bool:
             ok = torch.equal(e, g)
         else:
-            ok = torch.allclose(e, g, rtol=1e-6, atol=1e-6)
+            ok = torch.allclose(e, g, rtol=tol, atol=tol)
         if not ok:
-            raise RuntimeError(f"{op}: the C++ result differs from the reference")
+            raise RuntimeError(f"{op}: the {what} result differs from the baseline's")
 
 
 def _fmt_seconds(s: float) -> str:
@@ -393,8 +483,10 @@ def run(device: str = "cpu", small: bool = False, json_path: str | None = None) 
     """Runs the suite, prints the tables, writes JSON; returns 0 (1 if a full-size target failed).
 
     ``device="cpu"``: the C++ speed rows and the log-prob memory rows on CPU tensors.
-    ``device="cuda"``: the log-prob rows on CUDA tensors (or, small and without a GPU, on CPU
-    tensors through Triton's interpreter)."""
+    ``device="cuda"``: the GPU speed rows (`build_gpu_cases`: the Triton kernels against the
+    references on the same device, `repetition_mask` against the C++ CPU path) and the log-prob
+    rows, on CUDA tensors (or, small and without a GPU, on CPU tensors through Triton's
+    interpreter)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     rows = []
@@ -418,6 +510,23 @@ def run(device: str = "cpu", small: bool = False, json_path: str | None = None) 
                 target = f">= {case.target:g}x" if case.target else "-"
                 print(f"{case.op:<20} {case.shape:<28} {_fmt_seconds(base):>12} "
                       f"{_fmt_seconds(fast):>12} {ratio:>9.1f}x {target:>9} {mark}", flush=True)
+    else:
+        # Fused multiply-adds and reduction order differ from the references' separate ops.
+        _print_header(40)
+        for case in build_gpu_cases(small):
+            _assert_same(case.op, case.baseline(), case.longcot(), tol=1e-4, what="Triton")
+            base = time_fn(case.baseline, min_seconds=0.0 if small else 2.0, min_repeats=1 if small else 3)
+            fast = time_fn(case.longcot, min_seconds=0.0 if small else 1.0, min_repeats=1 if small else 10)
+            ratio = base / fast
+            met = None if case.target is None or small else ratio >= case.target
+            rows.append({
+                "op": case.op, "shape": case.shape, "baseline_s": base, "longcot_s": fast,
+                "ratio": ratio, "target": case.target, "met": met,
+            })
+            mark = "" if met is None else ("ok" if met else "MISSED")
+            target = f">= {case.target:g}x" if case.target else "-"
+            print(f"{case.op:<20} {case.shape:<40} {_fmt_seconds(base):>12} "
+                  f"{_fmt_seconds(fast):>12} {ratio:>9.1f}x {target:>9} {mark}", flush=True)
     memory_rows = run_memory_rows(logprob_cases(device, small), small)
 
     result = {
@@ -446,9 +555,9 @@ def run(device: str = "cpu", small: bool = False, json_path: str | None = None) 
     return 1 if failed else 0
 
 
-def _print_header() -> None:
-    print(f"{'op':<20} {'shape':<28} {'baseline':>12} {'longcot':>12} {'ratio':>10} {'target':>9}")
-    print("-" * 96)
+def _print_header(shape_width: int = 28) -> None:
+    print(f"{'op':<20} {'shape':<{shape_width}} {'baseline':>12} {'longcot':>12} {'ratio':>10} {'target':>9}")
+    print("-" * (68 + shape_width))
 
 
 def _cpu_name() -> str:
