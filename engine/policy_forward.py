@@ -52,13 +52,19 @@ def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+def response_hidden(model: torch.nn.Module, sb: SequenceBatch):
+    """(hidden [B, T, H] of the state before each response token, LM-head weight [V, H], sb on
+    the model's device): what `linear_token_logprobs` and `linear_ppo_policy_loss` take."""
+    weight = lm_head_weight(model)
+    sb = sb.to(weight.device)
+    return _gather(last_hidden_states(model, sb.input_ids, sb.attention_mask), sb.positions), weight, sb
+
+
 def response_logprobs(
     model: torch.nn.Module, sb: SequenceBatch, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp [B, T], entropy [B, T] or None), fp32, 0 at padding; differentiable."""
-    weight = lm_head_weight(model)
-    sb = sb.to(weight.device)
-    hidden = _gather(last_hidden_states(model, sb.input_ids, sb.attention_mask), sb.positions)
+    hidden, weight, sb = response_hidden(model, sb)
     out = linear_token_logprobs(
         hidden[sb.mask], weight, sb.tokens[sb.mask], temperature, return_entropy=with_entropy
     )

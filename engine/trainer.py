@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from longcot.kernels import (
     kl_penalty,
-    ppo_policy_loss,
+    linear_ppo_policy_loss,
     repetition_mask,
     repetition_ratio,
     token_rewards,
@@ -47,6 +47,7 @@ from .metrics import MetricsLogger, reflection_counts, save_plots
 from .models import ValueModel, build_char_tokenizer, build_tiny_model, load_policy, save_model
 from .policy_forward import (
     SequenceBatch,
+    response_hidden,
     response_logprobs,
     response_values,
     select_rows,
@@ -353,9 +354,11 @@ class Trainer:
                 for micro in rows.split(a.micro_batch_size):
                     sb = select_rows(exp.sb, micro)
                     share = (mask[micro].sum() / tokens) if a.loss_agg == "token-mean" else len(micro) / len(rows)
-                    logp, ent = response_logprobs(self.policy, sb, temp, with_entropy=a.entropy_coef > 0)
-                    loss, st = ppo_policy_loss(logp, exp.old_logp[micro], exp.advantages[micro], sb.mask,
-                                               a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
+                    hidden, weight, sb = response_hidden(self.policy, sb)
+                    loss, st = linear_ppo_policy_loss(
+                        hidden, weight, sb.tokens, exp.old_logp[micro], exp.advantages[micro], sb.mask,
+                        temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.entropy_coef > 0)
+                    logp, ent = st["logp"], st.get("entropy")
                     acc["pg_loss"].append(loss.item())
                     acc["clip_frac"].append(st["clip_frac"].item())
                     acc["approx_kl"].append(st["approx_kl"].item())

@@ -8,6 +8,7 @@ from ._backend import BACKENDS, has_cpu_extension, requested_backend
 from .gae import gae, gae_reference
 from .kl import ESTIMATORS, kl_penalty, kl_penalty_reference
 from .linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
+from .linear_ppo_loss import linear_ppo_policy_loss, linear_ppo_policy_loss_reference
 from .logprobs import token_logprobs, token_logprobs_reference
 from .ppo_loss import AGGREGATIONS, ppo_policy_loss, ppo_policy_loss_reference
 from .repetition import (
@@ -30,6 +31,8 @@ __all__ = [
     "has_cpu_extension",
     "kl_penalty",
     "kl_penalty_reference",
+    "linear_ppo_policy_loss",
+    "linear_ppo_policy_loss_reference",
     "linear_token_logprobs",
     "linear_token_logprobs_reference",
     "ppo_policy_loss",
