@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +51,7 @@ def _hf_tokens_per_s(model, prompts, n, new_tokens, pad_id) -> float:
     return len(expanded) * new_tokens / seconds
 
 
-def run(small: bool) -> list[dict]:
+def run(small: bool, only: str | None = None) -> list[dict]:
     from longcot.engine.data import CHARSET
     from longcot.engine.models import build_char_tokenizer, build_tiny_model, save_model
     from longcot.engine.rollout import VLLMGenerator
@@ -58,6 +60,8 @@ def run(small: bool) -> list[dict]:
     prompts_text = [f"{a}+{b}=" for a, b in zip(range(100, 999, 7), range(999, 100, -11))]
     rows = []
     for name, s in SETTINGS.items():
+        if only is not None and name != only:
+            continue
         if small:
             s = {**s, "prompts": 4, "new_tokens": 32}
         model = build_tiny_model(tok, layers=s["layers"], hidden=s["hidden"], heads=s["heads"],
@@ -93,9 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a quick smoke run")
     parser.add_argument("--out", default="bench/out/rollout.json")
+    parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    rows = run(args.small)
+    if args.setting is not None:  # one setting, in this fresh process
+        Path(args.out).write_text(json.dumps(run(args.small, args.setting)))
+        return 0
+    # Each setting in a fresh process: a second vLLM engine in one process re-binds the OpenMP
+    # threads and slowed the torch side down by an order of magnitude here.
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SETTINGS:
+            part = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, "-m", "longcot.bench.rollout", "--setting", name, "--out", str(part)]
+            subprocess.run(cmd + (["--small"] if args.small else []), check=True)
+            rows += json.loads(part.read_text())
     print(f"{'setting':<8} {'params':>7} {'work':>16} {'HF tok/s':>9} {'vLLM tok/s':>10} {'speedup':>7} "
           f"{'update ms':>9}")
     for r in rows:
