@@ -191,6 +191,21 @@ class PromptSampler:
         return out
 
 
+def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad_id: int):
+    """A vLLM engine started once from the (warm-started) policy, saved to ``run_dir/rollout_init``;
+    afterwards the trainer only updates its weights in place."""
+    from .rollout import VLLMGenerator
+
+    r = cfg.rollout
+    path = save_model(policy, tokenizer, run_dir / "rollout_init")
+    options: dict[str, Any] = {"dtype": r.vllm_dtype, "kv_cache_gib": r.vllm_kv_cache_gib, "seed": cfg.seed}
+    if torch.cuda.is_available():
+        options.update(gpu_memory_utilization=r.gpu_memory_utilization, sleep=r.vllm_sleep)
+    else:
+        options["sleep"] = False
+    return VLLMGenerator(path, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **options)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -215,6 +230,8 @@ class Trainer:
         if cfg.sft.enabled and s.sft_examples:
             summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
                                    cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator)))
+        if cfg.rollout.resolved_backend() == "vllm":
+            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         estimator = ESTIMATOR_OF[cfg.algorithm.name]
         self.critic = None
@@ -252,6 +269,9 @@ class Trainer:
             "evals": evals,
         })
         save_model(self.policy, self.tokenizer, self.run_dir / "final")
+        close = getattr(self.generator, "close", None)
+        if close is not None:
+            close()
         if cfg.logging.plots:
             save_plots(self.log.rows, self.run_dir, evals)
         self.log.close()
