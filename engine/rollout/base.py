@@ -54,6 +54,14 @@ class Generator(Protocol):
         ...
 
 
+def check_generate_args(prompts: list[list[int]], n: int, max_new_tokens: int) -> None:
+    """The argument checks every backend's ``generate`` makes first."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n and max_new_tokens: expected >= 1, got {n} and {max_new_tokens}")
+
+
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:
     """Decoded responses without their end-of-sequence token."""
     texts = []

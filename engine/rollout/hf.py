@@ -6,7 +6,7 @@ import torch
 
 from longcot.kernels import token_logprobs
 
-from .base import Rollout
+from .base import Rollout, check_generate_args
 
 
 class HFGenerator:
@@ -31,10 +31,7 @@ class HFGenerator:
         max_new_tokens: int,
         seed: int | None = None,
     ) -> Rollout:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n and max_new_tokens: expected >= 1, got {n} and {max_new_tokens}")
+        check_generate_args(prompts, n, max_new_tokens)
         expanded = [p for p in prompts for _ in range(n)]
         index = torch.arange(len(prompts)).repeat_interleave(n)
         chunks = []

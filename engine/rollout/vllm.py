@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .base import Rollout
+from .base import Rollout, check_generate_args
 
 
 class VLLMGenerator:
@@ -151,10 +151,7 @@ class VLLMGenerator:
         seed: int | None = None,
         ignore_eos: bool = False,
     ) -> Rollout:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of non-empty token id lists")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n and max_new_tokens: expected >= 1, got {n} and {max_new_tokens}")
+        check_generate_args(prompts, n, max_new_tokens)
         from vllm import SamplingParams
 
         greedy = temperature == 0
