@@ -6,11 +6,15 @@ for returns and GAE); the longcot column is the public op with ``LONGCOT_KERNELS
 on the same inputs in the same process, their outputs are compared, and the ratio is baseline
 time over longcot time.
 
-Memory rows (`token_logprobs`, `linear_token_logprobs`): eager ``log_softmax(logits.float())
-.gather`` (after ``logits = hidden @ weight.T`` for the linear op) against the public op, each
-side in a fresh subprocess so that its peak memory is its own: the peak resident set
-(``ru_maxrss``; on CUDA ``max_memory_allocated``) minus what the process held once its inputs
-were built. Forward, and forward + backward. ``--device cuda`` runs them on CUDA tensors at the
+Memory rows (`token_logprobs`, `linear_token_logprobs`, `linear_ppo_policy_loss`): eager
+``log_softmax(logits.float()).gather`` (after ``logits = hidden @ weight.T`` for the linear ops,
+then the reference PPO loss for the fused actor-update path) against the public op, each side in
+a fresh subprocess so that its peak memory is its own: the peak resident set (``ru_maxrss``; on
+CUDA ``max_memory_allocated``) minus what the process held once its inputs were built. Forward,
+and forward + backward. The fused PPO row has a third column when Liger-Kernel is installed:
+its ``LigerFusedLinearGRPOLoss`` with beta = 0 and the "bnpo" normalisation, which is the same
+clipped token-mean loss (its advantages are per sequence, so the rows use per-sequence
+advantages on every side). ``--device cuda`` runs them on CUDA tensors at the
 GPU shapes; ``--device cuda --small`` without a GPU but with ``TRITON_INTERPRET=1`` runs the
 same code path on CPU tensors through Triton's interpreter.
 
@@ -207,7 +211,7 @@ def build_gpu_cases(small: bool = False, seed: int = 0) -> list[Case]:
 class MemCase:
     """One memory row: an op, forward or forward + backward, eager vs longcot in subprocesses."""
 
-    op: str  # "token_logprobs" or "linear_token_logprobs"
+    op: str  # "token_logprobs", "linear_token_logprobs" or "linear_ppo_policy_loss"
     backward: bool
     n: int
     vocab: int
@@ -218,6 +222,13 @@ class MemCase:
     repeats: int  # timed calls after the first (0: the first call is the timed one)
     time_target: float | None  # longcot time / eager time at most this (None: reported only)
     mem_target: float | None  # longcot extra peak / eager extra peak at most this
+    batch: int = 1  # linear_ppo_policy_loss: the N tokens as [batch, N / batch] responses
+
+    @property
+    def sides(self) -> list[str]:
+        """The subprocesses of the row: eager, longcot, and the installed peers."""
+        peers = ["liger"] if self.op == "linear_ppo_policy_loss" and liger_available() else []
+        return ["eager", "longcot", *peers]
 
     @property
     def mode(self) -> str:
@@ -226,9 +237,17 @@ class MemCase:
     @property
     def shape(self) -> str:
         dims = f"N={self.n} V={self.vocab}"
-        if self.op == "linear_token_logprobs":
+        if self.op != "token_logprobs":
             dims += f" H={self.hidden}"
+        if self.op == "linear_ppo_policy_loss":
+            dims = f"B={self.batch} " + dims
         return f"{dims} {self.dtype}"
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def logprob_cases(device: str = "cpu", small: bool = False) -> list[MemCase]:
@@ -242,7 +261,10 @@ def logprob_cases(device: str = "cpu", small: bool = False) -> list[MemCase]:
             MemCase("token_logprobs", False, n, vocab, hidden, dtype, tensors, backend, 1 if small else 5, 1 / 3, None),
             MemCase("token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
             MemCase("linear_token_logprobs", False, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
-            MemCase("linear_token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, 1.1, 1 / 8),
+            MemCase("linear_token_logprobs", True, n, vocab, hidden, dtype, tensors, backend, 1 if small else 3, None, None),
+            # the actor update's path: the issue's targets are on this row
+            MemCase("linear_ppo_policy_loss", True, n, vocab, hidden, dtype, tensors, backend,
+                    1 if small else 3, 1.1, 1 / 8, batch=4 if small else 16),
         ]
     if device != "cpu":
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
@@ -256,6 +278,8 @@ def logprob_cases(device: str = "cpu", small: bool = False) -> list[MemCase]:
         # about a minute per call at full size on one core: the first call is the timed one
         MemCase("linear_token_logprobs", True, n, vocab, hidden, "float32", "cpu", "auto",
                 2 if small else 0, None, None),
+        MemCase("linear_ppo_policy_loss", True, n, vocab, hidden, "float32", "cpu", "auto",
+                2 if small else 0, None, None, batch=4),
     ]
 
 
@@ -276,37 +300,67 @@ def measure(spec: dict) -> dict:
     n, vocab, hdim = spec["n"], spec["vocab"], spec["hidden"]
     gen = torch.Generator(device=device).manual_seed(0)
 
+    ppo = spec["op"] == "linear_ppo_policy_loss"
+    batch = spec.get("batch", 1)
+
     def make_inputs(n, vocab, hdim):
-        tokens = torch.randint(0, vocab, (n,), generator=gen, device=device)
-        g = torch.randn(n, generator=gen, device=device)
+        shape = (batch, n // batch) if ppo else (n,)
+        tokens = torch.randint(0, vocab, shape, generator=gen, device=device)
+        g = torch.ones((), device=device) if ppo else torch.randn(n, generator=gen, device=device)
         if spec["op"] == "token_logprobs":
             inputs = [torch.randn(n, vocab, generator=gen, device=device, dtype=dtype).mul_(3)]
         else:
-            inputs = [torch.randn(n, hdim, generator=gen, device=device, dtype=dtype),
+            inputs = [torch.randn(*shape, hdim, generator=gen, device=device, dtype=dtype),
                       torch.randn(vocab, hdim, generator=gen, device=device, dtype=dtype)
                       .mul_(hdim**-0.5)]
+        ppo_args = ()
+        if ppo:
+            hidden, weight = inputs
+            old = torch.empty(shape, device=device)
+            with torch.no_grad():  # the current policy's log-probs, a few rows at a time so
+                for rows in range(0, n // batch, 8):  # that this never sets the peak
+                    logits = (hidden[:, rows:rows + 8] @ weight.T).float()
+                    old[:, rows:rows + 8] = torch.log_softmax(logits, -1).gather(
+                        -1, tokens[:, rows:rows + 8, None])[..., 0]
+            old += 0.1 * torch.randn(shape, generator=gen, device=device)  # ratios near 1
+            lengths = torch.randint(shape[1] // 2, shape[1] + 1, (batch,), generator=gen, device=device)
+            mask = torch.arange(shape[1], device=device)[None, :] < lengths[:, None]
+            ppo_args = (old, torch.randn(batch, generator=gen, device=device), mask)
         for x in inputs:
             x.requires_grad_(backward)
-        return tokens, g, inputs
+        return tokens, g, inputs, ppo_args
 
     # A first call at a tiny size loads the code, thread pools and allocator arenas the op
     # needs, so that the measured peak is the op's working memory at the real size.
-    tokens, g, inputs = make_inputs(16, 256, 32)
+    tokens, g, inputs, ppo_args = make_inputs(16 * batch, 256, 32)
 
-    if side == "eager":
+    if side == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        # beta = 0 and "bnpo" (sum over the batch's valid tokens / their count): the same
+        # clipped token-mean loss; torch.compile where Liger's users run it, on the GPU
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo",
+                                         epsilon_low=0.2, epsilon_high=0.2, compiled=device == "cuda")
+
         def forward():
-            if spec["op"] == "token_logprobs":
-                logits = inputs[0]
-            else:
-                logits = inputs[0] @ inputs[1].T
-            return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+            old, adv, mask = ppo_args
+            return liger(*inputs, tokens, mask.float(), adv, old_per_token_logps=old)[0]
+    elif side == "eager":
+        def forward():
+            logits = inputs[0] if spec["op"] == "token_logprobs" else inputs[0] @ inputs[1].T
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+            if not ppo:
+                return logp
+            old, adv, mask = ppo_args
+            return K.ppo_policy_loss_reference(logp, old, adv[:, None].expand_as(old), mask)[0]
     else:
-        from longcot import kernels as K
-
         op = getattr(K, spec["op"])
 
         def forward():
-            return op(*inputs, tokens)
+            if not ppo:
+                return op(*inputs, tokens)
+            old, adv, mask = ppo_args
+            return op(*inputs, tokens, old, adv[:, None].expand_as(old), mask)[0]
 
     def step():
         for x in inputs:
@@ -323,7 +377,7 @@ def measure(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     step()
-    tokens, g, inputs = make_inputs(n, vocab, hdim)
+    tokens, g, inputs, ppo_args = make_inputs(n, vocab, hdim)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -373,7 +427,7 @@ def measure(spec: dict) -> dict:
 def measure_in_subprocess(case: MemCase, side: str) -> dict:
     spec = {"op": case.op, "backward": case.backward, "n": case.n, "vocab": case.vocab,
             "hidden": case.hidden, "dtype": case.dtype, "device": case.device,
-            "repeats": case.repeats, "side": side}
+            "repeats": case.repeats, "side": side, "batch": case.batch}
     env = dict(os.environ)
     env["LONGCOT_KERNELS"] = case.longcot_backend if side == "longcot" else "reference"
     proc = subprocess.run(
@@ -385,13 +439,21 @@ def measure_in_subprocess(case: MemCase, side: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _rel_diff(eager: dict, other: dict) -> float:
+    """The largest relative difference of the loss / log-prob sum and the gradient norms."""
+    pairs = [(eager["logp_sum"], other["logp_sum"])] + list(zip(eager["grad_norms"], other["grad_norms"]))
+    return max(abs(e - o) / max(1.0, abs(e)) for e, o in pairs)
+
+
+def _tolerance(case: MemCase) -> float:
+    return 1e-3 if case.dtype != "float32" else 1e-4
+
+
 def _check_same(case: MemCase, eager: dict, fast: dict) -> None:
-    rel = 1e-3 if case.dtype != "float32" else 1e-4
-    pairs = [(eager["logp_sum"], fast["logp_sum"])] + list(zip(eager["grad_norms"], fast["grad_norms"]))
-    for e, f in pairs:
-        if abs(e - f) > rel * max(1.0, abs(e)):
-            raise RuntimeError(f"{case.op} {case.mode}: longcot's result differs from eager's "
-                               f"({f!r} vs {e!r})")
+    diff = _rel_diff(eager, fast)
+    if diff > _tolerance(case):
+        raise RuntimeError(f"{case.op} {case.mode}: longcot's result differs from eager's "
+                           f"(relative difference {diff:.2e})")
 
 
 def run_memory_rows(cases: list[MemCase], small: bool) -> list[dict]:
@@ -403,6 +465,9 @@ def run_memory_rows(cases: list[MemCase], small: bool) -> list[dict]:
         eager = measure_in_subprocess(case, "eager")
         fast = measure_in_subprocess(case, "longcot")
         _check_same(case, eager, fast)
+        peers = {side: measure_in_subprocess(case, side) for side in case.sides[2:]}
+        # a peer's result is compared and reported, not enforced: its numerics are its own
+        peer_diffs = {side: _rel_diff(eager, peer) for side, peer in peers.items()}
         t_ratio = fast["seconds"] / eager["seconds"]
         m_ratio = fast["extra_peak_bytes"] / max(1, eager["extra_peak_bytes"])
         met_t = None if case.time_target is None or small else t_ratio <= case.time_target
@@ -419,6 +484,11 @@ def run_memory_rows(cases: list[MemCase], small: bool) -> list[dict]:
         for key in ("read_bandwidth", "copy_bandwidth"):
             if key in fast:
                 row[key] = fast[key]
+        for side, peer in peers.items():
+            row.update({f"{side}_s": peer["seconds"], f"{side}_extra_peak_bytes": peer["extra_peak_bytes"],
+                        f"{side}_time_ratio": peer["seconds"] / eager["seconds"],
+                        f"{side}_mem_ratio": peer["extra_peak_bytes"] / max(1, eager["extra_peak_bytes"]),
+                        f"{side}_rel_diff": peer_diffs[side]})
         rows.append(row)
         marks = []
         if case.time_target is not None:
@@ -432,6 +502,12 @@ def run_memory_rows(cases: list[MemCase], small: bool) -> list[dict]:
               f"{_fmt_seconds(fast['seconds']):>10} {t_ratio:>6.2f}x "
               f"{_fmt_bytes(eager['extra_peak_bytes']):>11} {_fmt_bytes(fast['extra_peak_bytes']):>13} "
               f"{m_ratio:>7.2%}  {'; '.join(marks)}", flush=True)
+        for side, peer in peers.items():
+            name = {"liger": "Liger-Kernel"}.get(side, side)
+            print(f"{'  ' + name:<22} {case.mode:<8} {'(same inputs; eager as above)':<34} {'':>10} "
+                  f"{_fmt_seconds(peer['seconds']):>10} {row[side + '_time_ratio']:>6.2f}x {'':>11} "
+                  f"{_fmt_bytes(peer['extra_peak_bytes']):>13} {row[side + '_mem_ratio']:>7.2%}  "
+                  f"{'' if peer_diffs[side] <= _tolerance(case) else 'DIFFERS from eager'}", flush=True)
     return rows
 
 
