@@ -68,6 +68,9 @@ class DataConfig:
     heldout_path: str | None = None  # held-out prompts for task=file (evaluation)
     sft_path: str | None = None  # prompt/response JSONL for the SFT warm start, for task=file
     max_prompt_tokens: int = 1024
+    # Prompts over max_prompt_tokens are skipped and counted (summary.json: skipped_prompts);
+    # strict makes the first one an error naming its file and line.
+    strict: bool = False
     addition: AdditionConfig = field(default_factory=AdditionConfig)
 
     def check(self) -> None:
@@ -286,6 +289,9 @@ class TrainConfig:
                     f"{self.sft.eval_size} validation (sft.eval_size) problems requested, but only "
                     f"{space} distinct {a.digits}-digit problems exist"
                 )
+        if self.data.task == "file" and self.model.path is None:
+            raise ConfigError("model.path: required when data.task is 'file' (the built-in tiny "
+                              "model knows only the addition task's characters)")
         gammas = sorted({c.gamma for c in self.reward.channels})
         if self.algorithm.name == "ppo" and len(gammas) > 1 and self.algorithm.lam != 1.0:
             raise ConfigError(

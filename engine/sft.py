@@ -108,7 +108,9 @@ def sft_main(cfg) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     setup = setup_task(cfg)
     if not setup.sft_examples:
-        raise ValueError("data.sft_path: no SFT examples (set data.sft_path, or use data.task=addition)")
+        from .config import ConfigError
+
+        raise ConfigError("data.sft_path: no SFT examples (set data.sft_path, or use data.task=addition)")
     tok = setup.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     lines = []

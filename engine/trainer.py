@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .algorithms import (
 )
 from .config import TrainConfig, dump_config
 from .data import addition
-from .data.datasets import apply_template, load_prompt_records, load_sft_records
+from .data.datasets import DataError, apply_template, load_prompt_records, load_sft_records
 from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger, reflection_counts, save_plots
 from .models import ValueModel, build_char_tokenizer, build_tiny_model, load_policy, save_model
@@ -97,9 +98,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 def setup_task(cfg: TrainConfig) -> Setup:
     """The policy, its tokenizer, and train/held-out prompts (plus SFT pairs) for the config."""
     data = cfg.data
+    if data.task == "file":  # read (and check) every file before the model loads
+        records = {path: load_prompt_records(path, data.question_field, data.answer_field)
+                   for path in (data.path, data.heldout_path) if path}
+        sft_records = load_sft_records(data.sft_path) if data.sft_path else []
     if cfg.model.path is None:
-        if data.task != "addition":
-            raise ValueError("model.path: required unless data.task is 'addition' (the built-in tiny model)")
         tokenizer = build_char_tokenizer(addition.CHARSET)
         t = cfg.model.tiny
         policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
@@ -124,9 +127,12 @@ def setup_task(cfg: TrainConfig) -> Setup:
     def prompts_from(path: str) -> Prompts:
         nonlocal skipped
         out = Prompts([], [])
-        for rec in load_prompt_records(path, data.question_field, data.answer_field):
+        for rec in records[path]:
             ids = _encode(tokenizer, apply_template(rec.question, data.template, tokenizer, data.chat_template))
             if len(ids) > data.max_prompt_tokens:
+                if data.strict:
+                    raise DataError(f"{rec.where}: the prompt is {len(ids)} tokens, over "
+                                    f"data.max_prompt_tokens={data.max_prompt_tokens} (data.strict=true)")
                 skipped += 1
                 continue
             out.ids.append(ids)
@@ -143,13 +149,17 @@ def setup_task(cfg: TrainConfig) -> Setup:
     heldout = Prompts(heldout.ids[: cfg.eval_size], heldout.answers[: cfg.eval_size])
     sft, valid = [], Prompts([], [])
     if data.sft_path:
-        sft = [(_encode(tokenizer, r.prompt), _encode(tokenizer, r.response) + [eos]) for r in load_sft_records(data.sft_path)]
+        sft = [(_encode(tokenizer, r.prompt), _encode(tokenizer, r.response) + [eos]) for r in sft_records]
         if cfg.sft.target_accuracy is not None:  # the probe's prompts leave the RL prompts
             k = min(cfg.sft.eval_size, len(train.ids) // 2)
             valid = Prompts(train.ids[-k:], train.answers[-k:])
             train = Prompts(train.ids[:-k], train.answers[:-k])
     if not train.ids:
-        raise ValueError(f"data.path: no usable prompts in {data.path}")
+        raise DataError(f"{data.path}: no training prompts left ({skipped} over data.max_prompt_tokens="
+                        f"{data.max_prompt_tokens}, {len(heldout.ids)} held out, {len(valid.ids)} for validation)")
+    if skipped:
+        print(f"longcot: skipped {skipped} prompts longer than data.max_prompt_tokens="
+              f"{data.max_prompt_tokens} (data.strict=true makes them an error)", file=sys.stderr, flush=True)
     return Setup(policy, tokenizer, train, heldout, valid, sft, skipped)
 
 

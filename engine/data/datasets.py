@@ -28,6 +28,8 @@ class PromptRecord:
     question: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # "FILE: line N" (or "row N"), for errors found after loading; provenance, not content
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def load_prompt_records(
         question = _text_field(where, record, question_field)
         answer = _text_field(where, record, answer_field, allow_int=True)
         meta = {k: v for k, v in record.items() if k not in (question_field, answer_field)}
-        records.append(PromptRecord(question=question, answer=answer, meta=meta))
+        records.append(PromptRecord(question=question, answer=answer, meta=meta, where=where))
         if limit is not None and len(records) >= limit:
             break
     return records
