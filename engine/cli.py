@@ -36,6 +36,16 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import load_eval_config, run_eval
+
+    # --samples goes through the overrides, so a bad K is reported like any other bad value.
+    samples = [f"samples={args.samples}"] if args.samples is not None else []
+    config = load_eval_config(samples + list(args.overrides))
+    run_eval(args.model, args.data, config, args.out)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", default=None, help="a YAML config (default: the built-in job)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
@@ -60,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sft)
     sft.set_defaults(func=_sft)
 
+    evaluate = commands.add_parser(
+        "eval", help="pass@1 on MATH-500, AIME 2024 or a JSONL/Parquet file",
+        description="Samples K responses per problem (the paper's temperature 0.7, top-p 0.95, up to "
+                    "16,384 new tokens), scores them with the training verifier, prints a table and "
+                    "writes samples.jsonl and eval_summary.json.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="a local Hugging Face model folder")
+    evaluate.add_argument(
+        "--data", required=True, metavar="NAME_OR_PATH",
+        help="math500, aime24 (packaged), or a .jsonl/.parquet file with problem/answer fields",
+    )
+    evaluate.add_argument("--samples", metavar="K", default=None, help="samples per problem (default 1)")
+    evaluate.add_argument("--out", metavar="DIR", default=None,
+                          help="output folder (default: runs/eval-<time>-<data>)")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="e.g. temperature=0.6 max_new_tokens=4096 limit=50 backend=vllm (see EvalConfig)",
+    )
+    evaluate.set_defaults(func=_eval)
+
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
     bench.add_argument("suite", choices=["kernels"], help="kernels: per-op microbenchmarks")
     bench.add_argument(
@@ -77,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so in
+    # `eval ... limit=20 --samples 2 seed=1` the trailing overrides come back unparsed.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .config import ConfigError
     from .data.datasets import DataError
     from .models import ModelError

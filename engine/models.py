@@ -223,6 +223,23 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model folder alone, checked as ``load_policy`` checks it: for
+    backends that load the weights themselves (vLLM)."""
+    return _load_tokenizer(_check_model_dir(path))
+
+
+def context_length(path: str | Path) -> int | None:
+    """``max_position_embeddings`` from a model folder's config.json; None when absent."""
+    path = _check_model_dir(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path / 'config.json'}: unreadable ({' '.join(str(e).split())})") from None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def load_policy(
     path: str | Path,
     dtype: torch.dtype = torch.float32,

@@ -13,15 +13,19 @@ from .addition import (
     prompt,
 )
 from .datasets import (
+    BENCHMARKS,
     DataError,
     PromptRecord,
     SFTRecord,
     apply_template,
+    benchmark_path,
     load_prompt_records,
     load_sft_records,
+    resolve_dataset,
 )
 
 __all__ = [
+    "BENCHMARKS",
     "CHARSET",
     "TEMPLATE",
     "AdditionTask",
@@ -30,10 +34,12 @@ __all__ = [
     "PromptRecord",
     "SFTRecord",
     "apply_template",
+    "benchmark_path",
     "demonstrate",
     "load_prompt_records",
     "load_sft_records",
     "make_addition_task",
     "make_problem",
     "prompt",
+    "resolve_dataset",
 ]

@@ -7,6 +7,7 @@ without a debugger.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from typing import Any
 
 JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
+
+#: Benchmarks shipped inside the package (engine/data/benchmarks/, see its README), by name.
+BENCHMARKS = {"math500": "math500.jsonl", "aime24": "aime24.jsonl"}
 
 
 class DataError(ValueError):
@@ -212,4 +216,35 @@ def apply_template(
         raise DataError(f"apply_template: use_chat_template=True but tokenizer {name!r} has no chat template")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def benchmark_path(name: str) -> Path:
+    """The packaged file of benchmark ``name`` (a key of ``BENCHMARKS``)."""
+    if name not in BENCHMARKS:
+        raise DataError(f"{name}: unknown benchmark (packaged: {', '.join(BENCHMARKS)})")
+    resource = importlib.resources.files(__package__) / "benchmarks" / BENCHMARKS[name]
+    # Installed from a wheel or in editable mode the package is a folder, so this is a real
+    # path; a zipped install would need importlib.resources.as_file, which nothing here uses.
+    path = Path(str(resource))
+    if not path.is_file():
+        raise DataError(f"{path}: packaged benchmark {name!r} is missing (a broken install?)")
+    return path
+
+
+def resolve_dataset(name_or_path: str | Path) -> tuple[Path, str]:
+    """``(file, short name)`` for a packaged benchmark's name or a .jsonl/.parquet path.
+
+    A name that is neither a benchmark nor an existing file nor a data file's name is an
+    error that lists the benchmarks, rather than "file does not exist" for a typo of one.
+    """
+    text = str(name_or_path)
+    if text in BENCHMARKS:
+        return benchmark_path(text), text
+    path = Path(text)
+    if path.exists() or path.suffix.lower() in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        return path, path.stem
+    raise DataError(
+        f"{text}: unknown dataset (expected one of {', '.join(BENCHMARKS)}, or a path to a "
+        f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} file)"
     )

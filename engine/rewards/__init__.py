@@ -18,7 +18,7 @@ from .registry import (
     score_responses,
 )
 from .repetition import repetition_penalty
-from .verifier import MAX_ANSWER_CHARS, extract_boxed, verify, verify_batch
+from .verifier import MAX_ANSWER_CHARS, extract_boxed, verify, verify_batch, verify_batch_verdicts
 
 __all__ = [
     "MAX_ANSWER_CHARS",
@@ -38,4 +38,5 @@ __all__ = [
     "score_responses",
     "verify",
     "verify_batch",
+    "verify_batch_verdicts",
 ]

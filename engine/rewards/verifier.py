@@ -249,6 +249,17 @@ def verify_batch(
     Each distinct reference is parsed once, and each distinct (reference, answer) pair is judged
     once: the samples of one prompt share a reference and often reach the same answer.
     """
+    verdicts = verify_batch_verdicts(responses, references, timeout_s)
+    return [v is True for v in verdicts], sum(v is None for v in verdicts)
+
+
+def verify_batch_verdicts(
+    responses: Sequence[str], references: Sequence[str], timeout_s: float = 5.0
+) -> list[bool | None]:
+    """``verify_batch`` per response: True, False, or None where the comparison timed out.
+
+    For callers that report which responses timed out (evaluation), not only how many.
+    """
     timeout_s = _check_timeout(timeout_s)
     _require_main_thread()
     if len(responses) != len(references):
@@ -258,8 +269,7 @@ def verify_batch(
         )
     parsed_references: dict[str, _Reference] = {}
     judged: dict[tuple[str, str | None], bool | None] = {}
-    correct: list[bool] = []
-    timeouts = 0
+    verdicts: list[bool | None] = []
     for response, reference_text in zip(responses, references):
         reference = parsed_references.get(reference_text)
         if reference is None:
@@ -268,7 +278,5 @@ def verify_batch(
         key = (reference_text, answer)
         if key not in judged:
             judged[key] = _judge(answer, reference, timeout_s)
-        verdict = judged[key]
-        timeouts += verdict is None
-        correct.append(verdict is True)
-    return correct, timeouts
+        verdicts.append(judged[key])
+    return verdicts
