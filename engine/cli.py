@@ -114,16 +114,21 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .checkpoint import CheckpointError, TrainingHalted
     from .config import ConfigError
     from .data.datasets import DataError
     from .models import ModelError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
         # Bad input: one line naming the key, file or path, exit 2, no traceback.
         print(f"longcot: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingHalted as exc:
+        # Not bad input: the run itself failed (and left a checkpoint); exit 1.
+        print(f"longcot: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

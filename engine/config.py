@@ -233,14 +233,27 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    # A non-finite loss or gradient skips that optimiser step; this many RL steps in a row whose
+    # every update was skipped stop the run (with a checkpoint): the policy is not recovering.
+    max_nonfinite_steps: int = 5
 
     def check(self) -> None:
-        _positive(self, "lr", "critic_lr")
+        _positive(self, "lr", "critic_lr", "max_nonfinite_steps")
         _non_negative(self, "weight_decay", "warmup_steps")
         if self.grad_clip is not None:
             _positive(self, "grad_clip")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 25  # RL steps between checkpoints in RUN_DIR/checkpoints/ (0: only at the end)
+    keep: int = 2  # the newest K complete checkpoints stay; older ones are deleted
+
+    def check(self) -> None:
+        _non_negative(self, "every")
+        _positive(self, "keep")
 
 
 @dataclass
@@ -266,6 +279,10 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A run folder to continue from its newest complete checkpoint; `resume=RUN_DIR` on the
+    # command line also makes RUN_DIR/config.yaml the base config (see load_config).
+    resume: str | None = None
 
     def check(self) -> None:
         _positive(self, "steps", "eval_size")
@@ -329,13 +346,47 @@ def _non_negative(obj: object, *keys: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides, checked; raises ConfigError."""
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, checked; raises ConfigError.
+
+    A ``resume=RUN_DIR`` override takes the YAML file from ``RUN_DIR/config.yaml`` (so the other
+    overrides change the run as it was configured, e.g. a larger ``steps=``).
+    """
+    resume, overrides = _resume_override(overrides)
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("resume: a resumed run takes its config from RUN_DIR/config.yaml; drop --config")
+        path = _run_config_path(resume)
     data = dataclasses.asdict(TrainConfig())
     if path is not None:
         data = _merge(data, _read_yaml(Path(path)), "")
     for item in overrides:
         _apply_override(data, item)
+    if resume is not None:
+        data["resume"] = resume
     return build(TrainConfig, data, "")
+
+
+def _resume_override(overrides) -> tuple[str | None, list[str]]:
+    """The ``resume=`` value, taken verbatim (a folder name must not be read as YAML: "2025" is a
+    number there), and the other overrides."""
+    resume, rest = None, []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if sep and key.strip() == "resume":
+            resume = None if raw.strip() in ("", "null", "~") else raw.strip()
+        else:
+            rest.append(item)
+    return resume, rest
+
+
+def _run_config_path(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume: {run_dir}: run folder does not exist")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"resume: {run_dir}: no config.yaml (not a longcot run folder)")
+    return path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,9 +29,17 @@ def reflection_counts(texts: Iterable[str]) -> dict[str, float]:
 class MetricsLogger:
     """Appends metrics to ``metrics.jsonl`` (and TensorBoard when installed and enabled)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, keep_rows: int | None = None):
+        """``keep_rows``: continue an existing metrics.jsonl from its first ``keep_rows`` rows,
+        dropping the rest (a resumed run logs the steps after its checkpoint again)."""
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
+        if keep_rows is not None:
+            lines = self.path.read_text().splitlines()[:keep_rows] if self.path.exists() else []
+            self.rows = [json.loads(line) for line in lines]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, self.path)
         self._tb = None
         if tensorboard:
             try:

@@ -3,8 +3,10 @@
     rollout -> score -> experience -> token rewards -> advantages -> update -> sync
 
 `Trainer(config).fit()` runs what `longcot train` runs: set up the task and models, an optional
-SFT warm start, held-out evaluation of the initial policy, RL steps, a final evaluation, and the
-run folder's outputs (metrics.jsonl, plots, summary.json, final/).
+SFT warm start, held-out evaluation of the initial policy, RL steps with a checkpoint every
+`checkpoint.every` of them, a final evaluation, and the run folder's outputs (metrics.jsonl,
+plots, summary.json, final/, checkpoints/). With `config.resume` set it continues a run folder
+from its newest complete checkpoint instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,27 @@ from .algorithms import (
     normalize,
     value_loss,
 )
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    TrainingHalted,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, dump_config
 from .data import addition
 from .data.datasets import DataError, apply_template, load_prompt_records, load_sft_records
 from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger, reflection_counts, save_plots
-from .models import ValueModel, build_char_tokenizer, build_tiny_model, load_policy, save_model
+from .models import (
+    ValueModel,
+    build_char_tokenizer,
+    build_tiny_model,
+    load_policy,
+    load_reference,
+    save_model,
+)
 from .policy_forward import (
     SequenceBatch,
     response_hidden,
@@ -95,8 +112,11 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def setup_task(cfg: TrainConfig) -> Setup:
-    """The policy, its tokenizer, and train/held-out prompts (plus SFT pairs) for the config."""
+def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup:
+    """The policy, its tokenizer, and train/held-out prompts (plus SFT pairs) for the config.
+
+    ``policy_path``: a saved policy (a checkpoint's) whose weights replace the initial ones.
+    """
     data = cfg.data
     if data.task == "file":  # read (and check) every file before the model loads
         records = {path: load_prompt_records(path, data.question_field, data.answer_field)
@@ -105,10 +125,13 @@ def setup_task(cfg: TrainConfig) -> Setup:
     if cfg.model.path is None:
         tokenizer = build_char_tokenizer(addition.CHARSET)
         t = cfg.model.tiny
-        policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
+        if policy_path is None:
+            policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
+        else:
+            policy = load_policy(policy_path)[0]
     else:
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        policy, tokenizer = load_policy(cfg.model.path, dtype=dtype)
+        policy, tokenizer = load_policy(policy_path or cfg.model.path, dtype=dtype)
     eos = tokenizer.eos_token_id
 
     if data.task == "addition":
@@ -200,6 +223,15 @@ class PromptSampler:
             out.append(self.order.pop())
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
+
 
 def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad_id: int):
     """A vLLM engine started once from the (warm-started) policy, saved to ``run_dir/rollout_init``;
@@ -216,6 +248,24 @@ def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad
     return VLLMGenerator(path, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **options)
 
 
+@dataclass
+class RunState:
+    """Where the run is and what it has measured so far: saved in every checkpoint (as JSON)."""
+
+    step: int = 0  # RL steps done
+    summary: dict[str, Any] = field(default_factory=dict)  # summary.json's keys known so far
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    rl_seconds: float = 0.0
+    wall_seconds: float = 0.0  # summed over the sessions of a resumed run, up to its checkpoints
+    skipped_updates: int = 0  # over the whole run
+    nonfinite_streak: int = 0  # consecutive steps whose every update was skipped
+
+
+def _short(value: float | None, fmt: str = "{:.2f}") -> str:
+    """A progress-bar number; metrics log a non-finite value as None."""
+    return "nan" if value is None else fmt.format(value)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -224,68 +274,172 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config
-        wall = time.perf_counter()
+        self.wall_start = time.perf_counter()
+        state = self._new_run() if cfg.resume is None else self._resume(Path(cfg.resume))
+        self.wall_start -= state.wall_seconds
+        rl_start = time.perf_counter() - state.rl_seconds
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", disable=not cfg.logging.progress,
+                   dynamic_ncols=True)
+        for step in range(state.step + 1, cfg.steps + 1):
+            row = self.step(step)
+            self._count_skipped_updates(state, row)
+            self.log.log(row)
+            bar.update(1)
+            bar.set_postfix(reward=_short(row["reward/mean"]), acc=_short(row["accuracy"]),
+                            len=_short(row["response_length/mean"], "{:.0f}"))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                state.evals.append(self.evaluate(step))
+            state.step, state.rl_seconds = step, time.perf_counter() - rl_start
+            if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+                bar.close()
+                self._halt(state)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
+                self._save_checkpoint(state)
+            if cfg.seconds is not None and state.rl_seconds > cfg.seconds:
+                break
+        bar.close()
+        # Before the final evaluation, so that a run resumed with more steps evaluates only where
+        # an uninterrupted run of those steps would.
+        self._save_checkpoint(state)
+        state.evals.append(self.evaluate(state.step))
+        return self._finish(state)
+
+    def _new_run(self) -> RunState:
+        """A new run folder: task and policy, the SFT warm start, the frozen reference, the RL
+        optimisers, and the evaluation of the initial policy."""
+        cfg = self.config
         torch.manual_seed(cfg.seed)
         self.run_dir = new_run_dir(cfg.output_dir, cfg.seed)
         print(f"longcot: run folder {self.run_dir}", flush=True)
         dump_config(cfg, self.run_dir / "config.yaml")
         self.log = MetricsLogger(self.run_dir, cfg.logging.tensorboard)
-
-        s = setup_task(cfg)
-        self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts}
+        s = self._use_task(setup_task(cfg))
+        state = RunState(summary={"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts})
 
         self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
         if cfg.sft.enabled and s.sft_examples:
-            summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
-                                   cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator)))
+            state.summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
+                                         cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator)))
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        estimator = ESTIMATOR_OF[cfg.algorithm.name]
-        self.critic = None
-        if estimator in NEEDS_CRITIC:
-            self.critic = (ValueModel.from_pretrained(cfg.model.critic_path) if cfg.model.critic_path
-                           else ValueModel.from_causal_lm(self.policy))
+        # Saved once per run, not in every checkpoint: it never changes after the warm start,
+        # and for a real model it is as large as the policy.
+        save_model(self.reference, self.tokenizer, self.run_dir / "reference")
+        critic = None
+        if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
+            critic = (ValueModel.from_pretrained(cfg.model.critic_path) if cfg.model.critic_path
+                      else ValueModel.from_causal_lm(self.policy))
+        self._build_learners(critic)
+
+        state.evals.append(self.evaluate(0))
+        state.summary["init_accuracy"] = state.evals[0]["accuracy"]
+        return state
+
+    def _resume(self, run_dir: Path) -> RunState:
+        """The run folder as of its newest complete checkpoint: no SFT, no initial evaluation;
+        metrics.jsonl loses the rows logged after the checkpoint (they will be logged again)."""
+        cfg = self.config
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"resume: {run_dir}: no complete checkpoint in {run_dir / CHECKPOINTS}")
+        saved = load_checkpoint(path)
+        print(f"longcot: resuming run folder {run_dir} from {path.name}", flush=True)
+        self.run_dir = run_dir
+        self._use_task(setup_task(cfg, policy_path=path / "policy"))
+        dtype = next(self.policy.parameters()).dtype
+        self.reference = load_reference(run_dir / "reference", dtype=dtype)[0]
+        critic = None
+        if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
+            if not (path / "critic").is_dir():
+                raise CheckpointError(f"{path}: no critic/ (saved by a run without one), but "
+                                      f"algorithm.name={cfg.algorithm.name} needs a critic")
+            critic = ValueModel.from_pretrained(path / "critic", dtype=dtype)
+        self._build_learners(critic)
+        self.optimizer.load_state_dict(saved.optimizers["optimizer"])
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(saved.optimizers["critic_optimizer"])
+        if cfg.algorithm.kl_target is not None:  # an adaptive coefficient is state; a fixed one is config
+            self.kl_ctl.coef = saved.state["kl_controller"]["coef"]
+        self.sampler.load_state_dict(saved.state["prompt_sampler"])
+        self.update_gen.set_state(saved.rng["update_gen"])
+        torch.set_rng_state(saved.rng["torch"])
+
+        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
+        if cfg.rollout.resolved_backend() == "vllm":
+            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
+        # The run's config as continued (e.g. more steps), without `resume`: it describes the job.
+        dump_config(replace(cfg, resume=None), run_dir / "config.yaml")
+        self.log = MetricsLogger(run_dir, cfg.logging.tensorboard, keep_rows=saved.state["metrics_rows"])
+        state = RunState(**saved.state["progress"])
+        state.summary.setdefault("resumed_from_steps", []).append(saved.step)
+        return state
+
+    def _use_task(self, s: Setup) -> Setup:
+        self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return s
+
+    def _build_learners(self, critic: ValueModel | None) -> None:
+        """The critic, optimisers, KL controller and RL random streams, as at RL step 0."""
+        cfg = self.config
+        self.critic = critic
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
         self.critic_optimizer = None if self.critic is None else torch.optim.AdamW(
             self.critic.parameters(), lr=cfg.optim.critic_lr, betas=cfg.optim.betas)
         self.kl_ctl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
-        self.sampler = PromptSampler(len(s.train.ids), cfg.seed)
+        self.sampler = PromptSampler(len(self.setup.train.ids), cfg.seed)
         self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-        evals = [self.evaluate(0)]
-        summary["init_accuracy"] = evals[0]["accuracy"]
-        rl_start, step = time.perf_counter(), 0
-        bar = tqdm(total=cfg.steps, desc="rl", disable=not cfg.logging.progress, dynamic_ncols=True)
-        for step in range(1, cfg.steps + 1):
-            row = self.step(step)
-            self.log.log(row)
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row['accuracy']:.2f}",
-                            len=f"{row['response_length/mean']:.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                evals.append(self.evaluate(step))
-            if cfg.seconds is not None and time.perf_counter() - rl_start > cfg.seconds:
-                break
-        bar.close()
-        evals.append(self.evaluate(step))
-        summary.update({
-            "final_accuracy": evals[-1]["accuracy"],
-            "steps": step,
-            "rl_seconds": time.perf_counter() - rl_start,
-            "evals": evals,
-        })
-        save_model(self.policy, self.tokenizer, self.run_dir / "final")
+    def _save_checkpoint(self, state: RunState) -> Path:
+        # No learning-rate scheduler to save: the warm-up is a function of the step.
+        state.wall_seconds = time.perf_counter() - self.wall_start
+        optimizers = {"optimizer": self.optimizer}
+        if self.critic_optimizer is not None:
+            optimizers["critic_optimizer"] = self.critic_optimizer
+        return save_checkpoint(
+            self.run_dir, state.step, policy=self.policy, tokenizer=self.tokenizer, critic=self.critic,
+            optimizers=optimizers,
+            # The global RNG is saved though no RL step draws from it today, so that one that
+            # does later stays reproducible across a resume.
+            rng={"torch": torch.get_rng_state(), "update_gen": self.update_gen.get_state()},
+            state={"progress": asdict(state), "kl_controller": self.kl_ctl.state_dict(),
+                   "prompt_sampler": self.sampler.state_dict(), "metrics_rows": len(self.log.rows)},
+            keep=self.config.checkpoint.keep,
+        )
+
+    def _count_skipped_updates(self, state: RunState, row: dict[str, Any]) -> None:
+        state.skipped_updates += row["skipped_updates"]
+        row["skipped_updates/total"] = state.skipped_updates
+        all_skipped = row["updates"] > 0 and row["skipped_updates"] == row["updates"]
+        state.nonfinite_streak = state.nonfinite_streak + 1 if all_skipped else 0
+
+    def _halt(self, state: RunState) -> None:
+        path = self._save_checkpoint(state)
+        self._close()
+        raise TrainingHalted(
+            f"stopped at RL step {state.step}: {state.nonfinite_streak} steps in a row had a non-finite "
+            f"loss or gradient in every update (optim.max_nonfinite_steps={self.config.optim.max_nonfinite_steps}); "
+            f"checkpoint in {path}"
+        )
+
+    def _close(self) -> None:
         close = getattr(self.generator, "close", None)
         if close is not None:
             close()
-        if cfg.logging.plots:
-            save_plots(self.log.rows, self.run_dir, evals)
         self.log.close()
-        summary["wall_seconds"] = time.perf_counter() - wall
+
+    def _finish(self, state: RunState) -> dict[str, Any]:
+        cfg = self.config
+        summary = {**state.summary, "final_accuracy": state.evals[-1]["accuracy"], "steps": state.step,
+                   "rl_seconds": state.rl_seconds, "evals": state.evals,
+                   "skipped_updates": state.skipped_updates}
+        save_model(self.policy, self.tokenizer, self.run_dir / "final")
+        self._close()
+        if cfg.logging.plots:
+            save_plots(self.log.rows, self.run_dir, state.evals)
+        summary["wall_seconds"] = time.perf_counter() - self.wall_start
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"longcot: held-out accuracy {summary['init_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
               f"in {summary['wall_seconds']:.0f} s; run folder {self.run_dir}", flush=True)
@@ -373,7 +527,7 @@ class Trainer:
             self.critic.train()
         acc: dict[str, list[float]] = {k: [] for k in ("pg_loss", "clip_frac", "approx_kl", "value_loss",
                                                         "value_clip_frac", "grad_norm", "critic_grad_norm")}
-        skipped = 0
+        updates = skipped = 0
         for _ in range(a.epochs):
             perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
             for rows in perm.split(a.mini_batch_size):
@@ -381,6 +535,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.critic_optimizer is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
+                finite = {"policy": True, "critic": True}
                 for micro in rows.split(a.micro_batch_size):
                     sb = select_rows(exp.sb, micro)
                     share = (mask[micro].sum() / tokens) if a.loss_agg == "token-mean" else len(micro) / len(rows)
@@ -397,31 +552,39 @@ class Trainer:
                         loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / sb.mask.sum().clamp_min(1)
                     if ent is not None:
                         loss = loss - a.entropy_coef * (ent * sb.mask).sum() / sb.mask.sum().clamp_min(1)
+                    finite["policy"] &= bool(torch.isfinite(loss))
                     (loss * share).backward()
                     if self.critic is not None:
                         values = response_values(self.critic, sb)
                         vloss, vfrac = value_loss(values, exp.values[micro], exp.returns[micro], sb.mask, a.value_clip)
+                        finite["critic"] &= bool(torch.isfinite(vloss))
                         (a.vf_coef * vloss * share).backward()
                         acc["value_loss"].append(vloss.item())
                         acc["value_clip_frac"].append(vfrac.item())
-                skipped += self._optimizer_step(self.policy, self.optimizer, acc["grad_norm"])
+                updates += 1
+                skipped += self._optimizer_step(self.policy, self.optimizer, acc["grad_norm"], finite["policy"])
                 if self.critic is not None:
-                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, acc["critic_grad_norm"])
+                    updates += 1
+                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, acc["critic_grad_norm"],
+                                                    finite["critic"])
         self.policy.eval()
         out = {k: sum(v) / len(v) for k, v in acc.items() if v}
-        out["skipped_updates"] = skipped
+        out["updates"], out["skipped_updates"] = updates, skipped
         return out
 
-    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[float]) -> int:
-        """Clip and step; a non-finite gradient skips the update (returns 1)."""
-        clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
-        if not torch.isfinite(norm):
-            optimizer.zero_grad(set_to_none=True)
-            return 1
-        norms.append(norm.item())
-        optimizer.step()
-        return 0
+    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[float],
+                        loss_finite: bool) -> int:
+        """Clip and step. A non-finite loss or gradient norm skips the update (returns 1): the
+        optimiser is not stepped, so its moments and step count stay as they were."""
+        if loss_finite:
+            clip = self.config.optim.grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
+            if torch.isfinite(norm):
+                norms.append(norm.item())
+                optimizer.step()
+                return 0
+        optimizer.zero_grad(set_to_none=True)
+        return 1
 
     def step_metrics(self, step, rollout, texts, scores, rewards, kl, exp, stats, times) -> dict[str, Any]:
         mask = exp.sb.mask

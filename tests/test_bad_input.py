@@ -114,6 +114,11 @@ CASES = [
      "{tmp}/e.jsonl: no rows"),
     ("evaluation set that is neither a benchmark nor a file", {},
      ["eval", "--model", "{model}", "--data", "math5000"], "math5000: unknown dataset"),
+    ("resume folder with no complete checkpoint",
+     {"run/config.yaml": "steps: 3\n", "run/checkpoints/.step-000002.tmp-1234/state.json": "{"},
+     ["train", "resume={tmp}/run"], "resume: {tmp}/run: no complete checkpoint"),
+    ("resume folder that does not exist", {}, ["train", "resume={tmp}/gone"],
+     "resume: {tmp}/gone: run folder does not exist"),
     ("config file that does not exist", {}, ["train", "--config", "{tmp}/nope.yaml"],
      "{tmp}/nope.yaml: config file not found"),
     ("config file that is not YAML", {"c.yaml": "steps: 3\nsft: [unclosed\n"},
@@ -124,10 +129,11 @@ CASES = [
 @pytest.mark.parametrize("files, argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line(files, argv, expected, tmp_path, model_dir, no_eos_model_dir, capsys):
     for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         _write(tmp_path / name, content)
     where = {"tmp": str(tmp_path), "model": str(model_dir), "noeos": str(no_eos_model_dir)}
     argv = [a.format(**where) for a in argv]
-    if argv[0] == "train" and "--config" not in argv:
+    if argv[0] == "train" and "--config" not in argv and not argv[1].startswith("resume="):
         argv = [argv[0], *QUICK, f"output_dir={tmp_path / 'runs'}", *argv[1:]]
     code = cli.main(argv)
     err = capsys.readouterr().err

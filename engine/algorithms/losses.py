@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -30,7 +32,8 @@ class KLController:
         self.coef, self.target, self.horizon = coef, target, horizon
 
     def update(self, kl: float, batch: int) -> None:
-        if self.target is None:
+        # A NaN would pass the clip below as +0.2 (min/max keep their first argument).
+        if self.target is None or not math.isfinite(kl):
             return
         error = max(-0.2, min(0.2, kl / self.target - 1.0))
         self.coef *= 1.0 + error * batch / self.horizon
