@@ -16,7 +16,6 @@ folders never match. Loading unpickles nothing but plain containers of tensors a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import re
@@ -83,24 +82,9 @@ def save_checkpoint(
         meta = {"step": step, "files": files, "optimizers": list(optimizers), "trainer": state}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
-    with _no_progress_bars():
-        path = _atomic_save(checkpoint_path(run_dir, step), write)
+    path = _atomic_save(checkpoint_path(run_dir, step), write)
     prune_checkpoints(run_dir, keep)
     return path
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    # transformers draws a "Writing model shards" bar per save: noise every few steps.
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 def _numbered(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -7,11 +7,13 @@ in-process: a character-level tokenizer and a small Qwen2 model, so that tests a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +174,8 @@ def _atomic_save(path: str | Path, write) -> Path:
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        write(tmp)
+        with _no_progress_bars():
+            write(tmp)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -180,6 +183,20 @@ def _atomic_save(path: str | Path, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    # transformers draws a "Writing model shards" bar per save: noise at every checkpoint.
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def save_model(model: Any, tokenizer: Any, path: str | Path) -> Path:

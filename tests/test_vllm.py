@@ -159,7 +159,7 @@ def test_sleep_wake_ordering_with_stand_in(tmp_path):
     assert fake2.calls == ["reload", "reset", "generate"]
 
 
-def test_cli_train_with_vllm_backend(tmp_path):
+def test_cli_train_and_resume_with_vllm_backend(tmp_path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
         [LONGCOT, "train", *TINY, "rollout.backend=vllm", "rollout.vllm_kv_cache_gib=1", f"output_dir={tmp_path}"],
@@ -174,6 +174,16 @@ def test_cli_train_with_vllm_backend(tmp_path):
     assert summary["steps"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["phase"] == "rl"] == [1, 2]
+
+    # resumed from its end-of-run checkpoint for one more step: the engine restarts from the
+    # restored policy
+    proc = subprocess.run([LONGCOT, "train", f"resume={run}", "steps=3"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["resumed_from_steps"] == [2]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "rl"] == [1, 2, 3]
 
 
 def test_importing_longcot_does_not_import_vllm():
