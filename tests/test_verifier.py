@@ -5,14 +5,12 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from longcot.engine.data.datasets import benchmark_path
 from longcot.engine.rewards import MAX_ANSWER_CHARS, extract_boxed, verifier, verify, verify_batch
 from longcot.engine.rewards.verifier import _as_integer, _Reference
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Slack for wall-time assertions: the deadline bounds sympy, the rest is Python overhead.
 SLACK_S = 0.75
@@ -269,10 +267,7 @@ def test_verify_batch_validates() -> None:
 
 
 def _rows(name: str) -> list[dict]:
-    path = DATA / f"{name}.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in benchmark_path(name).read_text().splitlines()]
 
 
 def test_math500_solutions_verify_against_their_answers() -> None:
