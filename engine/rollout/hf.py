@@ -8,6 +8,21 @@ from longcot.kernels import token_logprobs
 
 from .base import Rollout, check_generate_args
 
+# generate() fills every setting a call leaves unset from the model folder's
+# generation_config.json, and instruct models ship sampling settings there (Qwen2.5-Instruct:
+# repetition_penalty 1.05, top_k 20). Any of them would make the rollout's distribution differ
+# from softmax(logits / T), the one the trainer's log-probs describe; so each call sets them all,
+# to values that leave the logits as they are.
+NEUTRAL_SAMPLING = {
+    "top_k": None, "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "sequence_bias": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "guidance_scale": None, "renormalize_logits": False,
+    "watermarking_config": None, "num_beams": 1,
+}
+
 
 class HFGenerator:
     """Samples from ``model`` itself, so a weight update needs no copy."""
@@ -68,9 +83,9 @@ class HFGenerator:
                 input_ids=ids.to(device),
                 attention_mask=attn.to(device),
                 do_sample=not greedy,
+                **NEUTRAL_SAMPLING,
                 temperature=None if greedy else temperature,
                 top_p=None if greedy else top_p,
-                top_k=None,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
