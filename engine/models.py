@@ -176,13 +176,35 @@ def _atomic_save(path: str | Path, write) -> Path:
         tmp.mkdir()
         with _no_progress_bars():
             write(tmp)
+        _fsync_tree(tmp)  # a rename is only as durable as what it names: data first, then the name
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder entry under ``folder`` to the disk, so that a power loss after
+    the rename cannot leave a checkpoint whose files are empty."""
+    for item in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if item.is_file():
+            with item.open("rb") as f:
+                os.fsync(f.fileno())
+        elif item.is_dir():
+            _fsync_dir(item)
+    _fsync_dir(folder)
 
 
 @contextlib.contextmanager

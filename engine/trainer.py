@@ -359,6 +359,11 @@ class Trainer:
         self.optimizer.load_state_dict(saved.optimizers["optimizer"])
         if self.critic_optimizer is not None:
             self.critic_optimizer.load_state_dict(saved.optimizers["critic_optimizer"])
+        # load_state_dict also brings back the saved hyper-parameters; the config (with its
+        # overrides) decides them, the checkpoint only the moments and step counts
+        for opt, settings in zip((self.optimizer, self.critic_optimizer), self.optim_settings):
+            for group in opt.param_groups if opt is not None else ():
+                group.update(settings)
         if cfg.algorithm.kl_target is not None:  # an adaptive coefficient is state; a fixed one is config
             self.kl_ctl.coef = saved.state["kl_controller"]["coef"]
         self.sampler.load_state_dict(saved.state["prompt_sampler"])
@@ -384,10 +389,12 @@ class Trainer:
         """The critic, optimisers, KL controller and RL random streams, as at RL step 0."""
         cfg = self.config
         self.critic = critic
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
-                                           betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        # (policy, critic) hyper-parameters besides the learning rates, which each step sets
+        self.optim_settings = (dict(betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay),
+                               dict(betas=cfg.optim.betas))
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, **self.optim_settings[0])
         self.critic_optimizer = None if self.critic is None else torch.optim.AdamW(
-            self.critic.parameters(), lr=cfg.optim.critic_lr, betas=cfg.optim.betas)
+            self.critic.parameters(), lr=cfg.optim.critic_lr, **self.optim_settings[1])
         self.kl_ctl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
         self.sampler = PromptSampler(len(self.setup.train.ids), cfg.seed)
         self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)

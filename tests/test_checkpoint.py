@@ -114,6 +114,18 @@ def test_incomplete_checkpoints_and_leftovers_are_never_picked(tmp_path, uninter
     assert steps_on_disk(run_dir) == ["step-000006", "step-000007", "step-000010", "step-000011"]
 
 
+def test_overrides_on_resume_set_the_optimiser_hyper_parameters(tmp_path, uninterrupted):
+    """The checkpoint brings back Adam's moments; betas and weight decay come from the config."""
+    run_dir = copy_run(uninterrupted, tmp_path)
+    trainer = Trainer(load_config(None, [f"resume={run_dir}", "steps=7", "optim.weight_decay=0.25",
+                                         "optim.betas=[0.8, 0.95]"]))
+    trainer.fit()
+    (group,) = trainer.optimizer.param_groups
+    assert group["weight_decay"] == 0.25 and tuple(group["betas"]) == (0.8, 0.95)
+    assert tuple(trainer.critic_optimizer.param_groups[0]["betas"]) == (0.8, 0.95)
+    assert trainer.optimizer.state[group["params"][0]]["step"] == 7 * 2  # two mini-batches a step
+
+
 def test_resume_errors_are_one_line_with_exit_2(tmp_path, uninterrupted, capsys):
     no_checkpoint = tmp_path / "no-checkpoint"
     (no_checkpoint / CHECKPOINTS / ".step-000002.tmp-0123abcd").mkdir(parents=True)
