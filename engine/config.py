@@ -65,7 +65,9 @@ class DataConfig:
     answer_field: str = "answer"
     template: str | None = None  # a "{question}" format; None: the question as is
     chat_template: bool = False
-    heldout_path: str | None = None  # held-out prompts for task=file (evaluation)
+    # held-out prompts for task=file (greedy accuracy before, after and every eval_every steps):
+    # a file, or a packaged benchmark by name (math500, aime24); None: the tail of data.path
+    heldout_path: str | None = None
     sft_path: str | None = None  # prompt/response JSONL for the SFT warm start, for task=file
     max_prompt_tokens: int = 1024
     # Prompts over max_prompt_tokens are skipped and counted (summary.json: skipped_prompts);

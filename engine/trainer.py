@@ -52,7 +52,13 @@ from .checkpoint import (
 )
 from .config import TrainConfig, dump_config
 from .data import addition
-from .data.datasets import DataError, apply_template, load_prompt_records, load_sft_records
+from .data.datasets import (
+    DataError,
+    apply_template,
+    load_prompt_records,
+    load_sft_records,
+    resolve_dataset,
+)
 from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger, reflection_counts, save_plots
 from .models import (
@@ -119,8 +125,10 @@ def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup
     """
     data = cfg.data
     if data.task == "file":  # read (and check) every file before the model loads
-        records = {path: load_prompt_records(path, data.question_field, data.answer_field)
-                   for path in (data.path, data.heldout_path) if path}
+        records = {data.path: load_prompt_records(data.path, data.question_field, data.answer_field)}
+        if data.heldout_path:  # a file, or a packaged benchmark by name (math500, aime24)
+            records[data.heldout_path] = load_prompt_records(
+                resolve_dataset(data.heldout_path)[0], data.question_field, data.answer_field)
         sft_records = load_sft_records(data.sft_path) if data.sft_path else []
     if cfg.model.path is None:
         tokenizer = build_char_tokenizer(addition.CHARSET)

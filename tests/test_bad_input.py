@@ -183,3 +183,12 @@ def test_verifier_timeouts_are_counted_and_the_run_goes_on(tmp_path, monkeypatch
     rl = [r for r in rows if r["phase"] == "rl"]
     # two prompts a step with distinct answers (usually): one or two timeouts a step, all wrong
     assert all(r["verifier_timeouts"] >= 1 and r["accuracy"] == 0.0 for r in rl), rl
+
+
+def test_a_packaged_benchmark_as_the_held_out_set(tmp_path, model_dir):
+    """data.heldout_path takes a benchmark's name: the run's evaluations are on AIME 2024."""
+    data = _write(tmp_path / "d.jsonl", GOOD)
+    cfg = load_config(None, [*QUICK, f"output_dir={tmp_path}", "data.task=file", f"model.path={model_dir}",
+                             f"data.path={data}", "data.heldout_path=aime24", "data.max_prompt_tokens=4096"])
+    summary = Trainer(cfg).fit()
+    assert [e["n"] for e in summary["evals"]] == [2, 2]  # eval_size=2: the first two problems
