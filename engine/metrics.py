@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,21 +45,32 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
-                self._tb = None
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                tb_dir = run_dir / "tensorboard"
+                if keep_rows is not None:
+                    # Event files cannot be cut back to a row: rebuild them from the rows kept,
+                    # so that the steps after the checkpoint are not in them twice.
+                    shutil.rmtree(tb_dir, ignore_errors=True)
+                self._tb = SummaryWriter(str(tb_dir))
+                for i, row in enumerate(self.rows):
+                    self._to_tensorboard(row, i + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in row.items()}
         self.rows.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:
-            step = int(clean.get("step", len(self.rows)))
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(f"{clean.get('phase', 'rl')}/{key}", value, step)
+        self._to_tensorboard(clean, len(self.rows))
+
+    def _to_tensorboard(self, row: dict[str, Any], index: int) -> None:
+        if self._tb is None:
+            return
+        step = int(row.get("step", index))
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self._tb.add_scalar(f"{row.get('phase', 'rl')}/{key}", value, step)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -264,3 +264,38 @@ def test_too_many_nan_steps_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch
                    f"in every update (optim.max_nonfinite_steps=2); checkpoint in {checkpoint}")
     assert latest_checkpoint(run_dir) == checkpoint
     assert [r["skipped_updates/total"] for r in rows(run_dir) if r["phase"] == "rl"] == [4, 8]
+
+
+def test_resumed_tensorboard_events_hold_each_step_once(tmp_path, monkeypatch):
+    """Event files cannot be truncated, so a resume rebuilds them from the metrics rows it keeps."""
+    import sys
+    import types
+
+    from longcot.engine.metrics import MetricsLogger
+
+    writers = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir):
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / f"events.{len(writers)}").write_text("")
+            self.scalars = []
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    first = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        first.log({"phase": "rl", "step": step, "reward": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True, keep_rows=3)  # checkpoint after step 3
+    for step in (4, 5):
+        resumed.log({"phase": "rl", "step": step, "reward": 10.0 * step})
+    assert writers[1].scalars == [("rl/reward", 1.0, 1), ("rl/reward", 2.0, 2), ("rl/reward", 3.0, 3),
+                                  ("rl/reward", 40.0, 4), ("rl/reward", 50.0, 5)]
+    assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == ["events.1"]  # the old file is gone
