@@ -14,19 +14,13 @@ from longcot.engine.data import (
     PromptRecord,
     SFTRecord,
     apply_template,
+    benchmark_path,
     demonstrate,
     load_prompt_records,
     load_sft_records,
     make_addition_task,
     make_problem,
     prompt,
-)
-
-_REPO = Path(__file__).resolve().parents[1]
-# The evaluation data lives beside the checkout (../shared/data) or, in some copies, inside it.
-SHARED_DATA = next(
-    (d for d in (_REPO.parent / "shared" / "data", _REPO / "shared" / "data") if d.is_dir()),
-    _REPO.parent / "shared" / "data",
 )
 
 
@@ -275,13 +269,12 @@ def test_limit_stops_before_later_bad_lines(tmp_path):
         load_prompt_records(path)
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no evaluation data at {SHARED_DATA}")
 def test_real_math500_and_aime24():
-    math500 = load_prompt_records(SHARED_DATA / "math500.jsonl")
+    math500 = load_prompt_records(benchmark_path("math500"))
     assert len(math500) == 500
     assert set(math500[0].meta) == {"solution", "subject", "level", "unique_id"}
     assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    aime = load_prompt_records(SHARED_DATA / "aime24.jsonl")
+    aime = load_prompt_records(benchmark_path("aime24"))
     assert len(aime) == 30
     assert set(aime[0].meta) == {"id", "solution", "url"}
     assert all(r.answer.isdigit() for r in aime)
