@@ -56,3 +56,14 @@ def compiled_triton(monkeypatch):
     monkeypatch.delenv("LONGCOT_KERNELS", raising=False)  # auto: Triton for CUDA tensors
     yield
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in tiny model (1 layer, hidden 64) saved as a Hugging Face folder."""
+    from longcot.engine.data import addition
+    from longcot.engine.models import build_char_tokenizer, build_tiny_model, save_model
+
+    tokenizer = build_char_tokenizer(addition.CHARSET)
+    model = build_tiny_model(tokenizer, layers=1, hidden=64, heads=1)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")

@@ -11,8 +11,6 @@ import pytest
 
 from longcot.engine import Trainer, cli
 from longcot.engine.config import load_config
-from longcot.engine.data import addition
-from longcot.engine.models import build_char_tokenizer, build_tiny_model, save_model
 
 LONGCOT = str(Path(sys.executable).with_name("longcot"))
 
@@ -27,20 +25,18 @@ GOOD = "".join(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
                for a in range(1, 5) for b in range(1, 5))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    tokenizer = build_char_tokenizer(addition.CHARSET)
-    model = build_tiny_model(tokenizer, layers=1, hidden=64, heads=1)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+@pytest.fixture
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
-@pytest.fixture(scope="module")
-def no_eos_model_dir(model_dir, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session")
+def no_eos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with the end-of-sequence token removed from its tokenizer's files."""
     import shutil
 
     path = tmp_path_factory.mktemp("no_eos") / "model"
-    shutil.copytree(model_dir, path)
+    shutil.copytree(tiny_model_dir, path)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         file = path / name
         if file.exists():

@@ -248,15 +248,9 @@ def test_eval_config_overrides():
 # --- the command line ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from longcot.engine.data import addition
-    from longcot.engine.models import build_char_tokenizer, build_tiny_model, save_model
-
-    tokenizer = build_char_tokenizer(addition.CHARSET)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(build_tiny_model(tokenizer, layers=1, hidden=64, heads=1), tokenizer, path)
-    return path
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_longcot_eval_end_to_end(tiny_model, tmp_path):
