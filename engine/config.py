@@ -41,8 +41,33 @@ class TinyModelConfig:
 class ModelConfig:
     path: str | None = None  # a local Hugging Face folder; None builds the tiny built-in model
     critic_path: str | None = None  # None: the critic starts from the policy's backbone
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Where the whole RL step runs: auto (cuda when available, else cpu), cpu, cuda, cuda:N.
+    device: str = "auto"
+    # fp32 | bf16-mixed (fp32 master weights and Adam state, bf16 autocast compute) | bf16
+    # (everything bf16); auto: bf16-mixed on CUDA, fp32 elsewhere. See engine/device.py.
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    # Recompute each transformer layer in the backward (policy and critic): activation memory of
+    # a micro-batch drops to the layers' inputs, for about one more forward of compute.
+    gradient_checkpointing: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def check(self) -> None:
+        from .device import resolve_device
+
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise ConfigError(f"device: {exc}") from None
+
+    def resolved_device(self):
+        from .device import resolve_device
+
+        return resolve_device(self.device)
+
+    def resolved_precision(self):
+        from .device import resolve_precision
+
+        return resolve_precision(self.precision, self.resolved_device())
 
 
 @dataclass
@@ -89,6 +114,9 @@ class SFTConfig:
     steps: int = 400  # the most steps; the learning-rate schedule spans them
     seconds: float | None = None  # a wall-time budget that ends SFT early
     batch_size: int = 64
+    # Gradient accumulation over micro-batches of at most this many tokens (sorted by length,
+    # padding included); null: the whole batch in one forward.
+    max_tokens_per_micro_batch: int | None = None
     lr: float = 2e-3
     warmup_steps: int = 20
     # Stop once greedy accuracy on the validation split reaches this. The built-in task's SFT
@@ -100,6 +128,8 @@ class SFTConfig:
 
     def check(self) -> None:
         _positive(self, "steps", "batch_size", "lr", "eval_every", "eval_size")
+        if self.max_tokens_per_micro_batch is not None:
+            _positive(self, "max_tokens_per_micro_batch")
         _non_negative(self, "warmup_steps")
         if self.seconds is not None:
             _positive(self, "seconds")
@@ -201,7 +231,15 @@ class AlgorithmConfig:
     normalize_advantages: bool = True
     epochs: int = 1
     mini_batch_size: int = 64  # responses per optimiser step
-    micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation)
+    # Micro-batches (gradient accumulation) by a token budget: each mini-batch's responses are
+    # sorted by length and cut into micro-batches of at most this many tokens, padding included
+    # (rows x the longest prompt + response among them), each trimmed to its own width; a sequence
+    # longer than the budget gets a micro-batch of its own. null: micro_batch_size rows each.
+    max_tokens_per_micro_batch: int | None = 16384
+    # The same for the no-grad experience forwards (old policy, reference, critic); null: the
+    # update's budget (or micro_batch_size rows in count mode).
+    max_tokens_per_experience_batch: int | None = None
+    micro_batch_size: int = 32  # count mode (max_tokens_per_micro_batch: null): rows per micro-batch
 
     def check(self) -> None:
         for key in ("lam",):
@@ -217,7 +255,10 @@ class AlgorithmConfig:
         if self.kl_target is not None:
             _positive(self, "kl_target")
         _positive(self, "kl_horizon", "epochs", "mini_batch_size", "micro_batch_size")
-        if self.micro_batch_size > self.mini_batch_size:
+        for key in ("max_tokens_per_micro_batch", "max_tokens_per_experience_batch"):
+            if getattr(self, key) is not None:
+                _positive(self, key)
+        if self.max_tokens_per_micro_batch is None and self.micro_batch_size > self.mini_batch_size:
             raise ConfigError(
                 f"micro_batch_size: must not exceed mini_batch_size ({self.mini_batch_size}), "
                 f"got {self.micro_batch_size}"

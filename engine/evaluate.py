@@ -76,7 +76,7 @@ class EvalConfig:
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = 64  # responses generated (and scored) per batch
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, else float32
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     verifier_timeout_s: float = 5.0
     repetition_n: int = 40  # the paper's n for the repetition ratio
     progress: bool = True
@@ -95,6 +95,12 @@ class EvalConfig:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}")
         if self.template is not None and "{question}" not in self.template:
             raise ConfigError(f"template: must contain '{{question}}', got {self.template!r}")
+        from .device import resolve_device
+
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise ConfigError(f"device: {exc}") from None
         if self.backend == "vllm":
             from .rollout import vllm_available
 
@@ -401,10 +407,10 @@ def run_eval(model: str, data: str, config: EvalConfig, out: str | None = None) 
     data_path, data_name = resolve_dataset(data)
     records = load_prompt_records(data_path, config.question_field, config.answer_field, config.limit)
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    from .device import resolve_device
+
+    device = resolve_device(config.device)  # checked with the config
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     context = context_length(model)
     if config.backend == "hf":
         from .rollout import HFGenerator
@@ -419,7 +425,7 @@ def run_eval(model: str, data: str, config: EvalConfig, out: str | None = None) 
         from .rollout import VLLMGenerator
 
         options: dict[str, Any] = {"dtype": dtype, "seed": config.seed, "sleep": False}
-        if device == "cuda":
+        if device.type == "cuda":
             options["gpu_memory_utilization"] = config.gpu_memory_utilization
         else:
             options["kv_cache_gib"] = config.vllm_kv_cache_gib

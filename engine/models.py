@@ -408,7 +408,10 @@ class ValueModel(nn.Module):
             use_cache=False,
         ).last_hidden_state
         head = self.value_head
-        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        # Outside any bf16 autocast: the head is fp32 so that values (regression targets of
+        # returns) keep their precision whatever the backbone computes in.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
     @classmethod
     def from_causal_lm(

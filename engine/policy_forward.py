@@ -9,12 +9,14 @@ the valid ones into log-probs without materialising [tokens x vocab] logits.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from longcot.kernels import linear_token_logprobs
 
+from .device import Precision
 from .models import last_hidden_states, lm_head_weight
 
 
@@ -31,40 +33,120 @@ class SequenceBatch:
             return self
         return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.positions, self.tokens, self.mask)))
 
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
 
-def sequence_batch(prompts: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> SequenceBatch:
+
+def sequence_batch(
+    prompts: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int
+) -> SequenceBatch:
+    """[prompt | response | pad] rows on the device of ``tokens``; the prompts (host lists) are
+    copied there once, the responses never leave it."""
     batch, steps = tokens.shape
+    device = tokens.device
+    lengths = lengths.to(device)
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    width = int((prompt_lens + lengths).max()) if batch else 1
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((batch, width), dtype=torch.long)
+    longest = int(prompt_lens.max()) if batch else 1
+    padded = torch.full((batch, longest), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        n = len(p) + int(lengths[b])
-        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids[b, len(p) : n] = tokens[b, : int(lengths[b])]
-        attn[b, :n] = 1
-    mask = torch.arange(steps)[None, :] < lengths[:, None]
-    positions = (prompt_lens[:, None] - 1 + torch.arange(steps)[None, :]).clamp(max=width - 1)
+        padded[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    padded, prompt_lens = padded.to(device), prompt_lens.to(device)
+    width = int((prompt_lens + lengths).max()) if batch else 1  # one host sync per batch
+    col = torch.arange(width, device=device)[None, :]
+    in_prompt = col < prompt_lens[:, None]
+    in_response = ~in_prompt & (col < (prompt_lens + lengths)[:, None])
+    from_prompt = padded.gather(1, col.clamp(max=longest - 1).expand(batch, -1))
+    from_response = tokens.gather(1, (col - prompt_lens[:, None]).clamp(0, max(steps - 1, 0)))
+    ids = torch.where(in_prompt, from_prompt, torch.where(in_response, from_response, pad_id))
+    attn = (in_prompt | in_response).long()
+    t = torch.arange(steps, device=device)[None, :]
+    mask = t < lengths[:, None]
+    positions = (prompt_lens[:, None] - 1 + t).clamp(max=width - 1)
     return SequenceBatch(ids, attn, positions, tokens, mask)
+
+
+# --- micro-batches ---------------------------------------------------------------------------
+
+
+def plan_micro_batches(
+    widths: list[int], rows: list[int], max_tokens: int | None, max_rows: int
+) -> list[list[int]]:
+    """Cut ``rows`` (indices into ``widths``: prompt + response lengths) into micro-batches.
+
+    With a token budget the rows are sorted by width, longest first, and each micro-batch takes
+    rows while (rows x its widest row) stays within ``max_tokens``: the padded rectangle a forward
+    pays for. Neighbours in that order have similar widths, so padding stays small; a row wider
+    than the budget gets a micro-batch of its own. Without one (count mode), ``max_rows`` rows
+    each in the given order.
+    """
+    if max_tokens is None:
+        return [rows[i : i + max_rows] for i in range(0, len(rows), max_rows)]
+    order = sorted(rows, key=lambda r: -widths[r])  # stable: ties keep their given order
+    out: list[list[int]] = []
+    for r in order:
+        if out and (len(out[-1]) + 1) * widths[out[-1][0]] <= max_tokens:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def micro_batch(sb: SequenceBatch, rows: list[int] | torch.Tensor, trim: bool = True) -> SequenceBatch:
+    """The rows of ``sb``; with ``trim``, cut to their own widest row and longest response, so a
+    micro-batch of short rows does not pay for the batch's longest one."""
+    index = torch.as_tensor(rows, dtype=torch.long, device=sb.input_ids.device)
+    sub = SequenceBatch(sb.input_ids[index], sb.attention_mask[index], sb.positions[index], sb.tokens[index],
+                        sb.mask[index])
+    if not trim:
+        return sub
+    width = max(1, int(sub.attention_mask.sum(-1).max()))
+    steps = max(1, int(sub.mask.sum(-1).max()))
+    return SequenceBatch(sub.input_ids[:, :width], sub.attention_mask[:, :width],
+                         sub.positions[:, :steps].clamp(max=width - 1), sub.tokens[:, :steps], sub.mask[:, :steps])
+
+
+def padding_share(sbs: list[SequenceBatch]) -> float:
+    """Share of the token positions forwarded that are padding."""
+    total = sum(s.input_ids.numel() for s in sbs)
+    valid = sum(int(s.attention_mask.sum()) for s in sbs)
+    return 1.0 - valid / max(1, total)
+
+
+# --- forwards --------------------------------------------------------------------------------
 
 
 def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def response_hidden(model: torch.nn.Module, sb: SequenceBatch):
+def _autocast(precision: Precision | None):
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
+
+
+def response_hidden(model: torch.nn.Module, sb: SequenceBatch, precision: Precision | None = None):
     """(hidden [B, T, H] of the state before each response token, LM-head weight [V, H], sb on
-    the model's device): what `linear_token_logprobs` and `linear_ppo_policy_loss` take."""
+    the model's device): what `linear_token_logprobs` and `linear_ppo_policy_loss` take.
+
+    Rows are right-padded, so no attention mask is passed: under the causal mask a valid position
+    never sees the padding after it, and without a mask the attention runs its causal kernel
+    (flash/memory-efficient) instead of materialising [W, W] masks for every row.
+    """
     weight = lm_head_weight(model)
     sb = sb.to(weight.device)
-    return _gather(last_hidden_states(model, sb.input_ids, sb.attention_mask), sb.positions), weight, sb
+    with _autocast(precision):
+        hidden = last_hidden_states(model, sb.input_ids)
+    return _gather(hidden, sb.positions), weight, sb
 
 
 def response_logprobs(
-    model: torch.nn.Module, sb: SequenceBatch, temperature: float, with_entropy: bool = False
+    model: torch.nn.Module,
+    sb: SequenceBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp [B, T], entropy [B, T] or None), fp32, 0 at padding; differentiable."""
-    hidden, weight, sb = response_hidden(model, sb)
+    hidden, weight, sb = response_hidden(model, sb, precision)
     out = linear_token_logprobs(
         hidden[sb.mask], weight, sb.tokens[sb.mask], temperature, return_entropy=with_entropy
     )
@@ -75,12 +157,10 @@ def response_logprobs(
     return logp, entropy
 
 
-def response_values(critic: torch.nn.Module, sb: SequenceBatch) -> torch.Tensor:
-    """Critic values V(s_t) [B, T] of the state before each response token, 0 at padding."""
+def response_values(critic: torch.nn.Module, sb: SequenceBatch, precision: Precision | None = None) -> torch.Tensor:
+    """Critic values V(s_t) [B, T] of the state before each response token, 0 at padding (no
+    attention mask, as in `response_hidden`)."""
     sb = sb.to(next(critic.parameters()).device)
-    values = critic(sb.input_ids, sb.attention_mask)
+    with _autocast(precision):
+        values = critic(sb.input_ids)
     return values.gather(1, sb.positions) * sb.mask
-
-
-def select_rows(sb: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:
-    return SequenceBatch(sb.input_ids[rows], sb.attention_mask[rows], sb.positions[rows], sb.tokens[rows], sb.mask[rows])

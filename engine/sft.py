@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SFTConfig
-from .policy_forward import response_logprobs, sequence_batch
+from .device import Precision
+from .policy_forward import micro_batch, plan_micro_batches, response_logprobs, sequence_batch
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -41,11 +42,14 @@ def run_sft(
     progress: bool = True,
     on_step=None,
     probe=None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on (prompt ids, response ids + eos) pairs; returns a summary.
 
     ``probe()`` returns the model's validation accuracy; with ``cfg.target_accuracy`` set it is
-    called every ``cfg.eval_every`` steps and training stops once it reaches the target.
+    called every ``cfg.eval_every`` steps and training stops once it reaches the target. With
+    ``cfg.max_tokens_per_micro_batch`` each batch is cut into micro-batches of that many tokens
+    (sorted by length) whose gradients add up to the whole batch's token mean.
     """
     if not examples:
         raise ValueError("sft: no training examples")
@@ -54,6 +58,7 @@ def run_sft(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps)
     )
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     model.train()
     start, loss_value, step, accuracy = time.perf_counter(), float("nan"), 0, None
     if cfg.target_accuracy is None:
@@ -63,11 +68,19 @@ def run_sft(
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen).tolist()
         prompts = [examples[i][0] for i in idx]
         tokens, lengths = pad_responses([examples[i][1] for i in idx], pad_id)
-        sb = sequence_batch(prompts, tokens, lengths, pad_id)
-        logp, _ = response_logprobs(model, sb, temperature=1.0)
-        loss = -logp.sum() / sb.mask.sum()
+        sb = sequence_batch(prompts, tokens.to(device), lengths.to(device), pad_id)
+        total = sb.mask.sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        rows = list(range(len(sb)))
+        budget = cfg.max_tokens_per_micro_batch
+        plan = [rows] if budget is None else plan_micro_batches(sb.attention_mask.sum(-1).tolist(), rows, budget, len(rows))
+        for part in plan:
+            micro = sb if budget is None else micro_batch(sb, part)
+            logp, _ = response_logprobs(model, micro, temperature=1.0, precision=precision)
+            part_loss = -logp.sum() / total
+            part_loss.backward()
+            loss += part_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -114,9 +127,10 @@ def sft_main(cfg) -> dict[str, float]:
     tok = setup.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     lines = []
-    probe = validation_probe(cfg, setup, HFGenerator(setup.policy, tok.eos_token_id, pad))
+    precision = cfg.model.resolved_precision()
+    probe = validation_probe(cfg, setup, HFGenerator(setup.policy, tok.eos_token_id, pad, precision=precision))
     summary = run_sft(setup.policy, setup.sft_examples, cfg.sft, pad, cfg.seed, cfg.logging.progress,
-                      lines.append, probe)
+                      lines.append, probe, precision)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     save_model(setup.policy, tok, run_dir / "final")
     summary["run_dir"] = str(run_dir)

@@ -59,6 +59,7 @@ from .data.datasets import (
     load_sft_records,
     resolve_dataset,
 )
+from .device import Precision, enable_gradient_checkpointing
 from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger, reflection_counts, save_plots
 from .models import (
@@ -71,10 +72,11 @@ from .models import (
 )
 from .policy_forward import (
     SequenceBatch,
+    micro_batch,
+    plan_micro_batches,
     response_hidden,
     response_logprobs,
     response_values,
-    select_rows,
     sequence_batch,
 )
 from .rewards import RewardChannel, score_responses
@@ -119,10 +121,12 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup:
-    """The policy, its tokenizer, and train/held-out prompts (plus SFT pairs) for the config.
+    """The policy (on ``model.device``, in the precision's parameter dtype, checkpointed when
+    configured), its tokenizer, and train/held-out prompts (plus SFT pairs) for the config.
 
     ``policy_path``: a saved policy (a checkpoint's) whose weights replace the initial ones.
     """
+    precision = cfg.model.resolved_precision()
     data = cfg.data
     if data.task == "file":  # read (and check) every file before the model loads
         records = {data.path: load_prompt_records(data.path, data.question_field, data.answer_field)}
@@ -138,8 +142,10 @@ def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup
         else:
             policy = load_policy(policy_path)[0]
     else:
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        policy, tokenizer = load_policy(policy_path or cfg.model.path, dtype=dtype)
+        policy, tokenizer = load_policy(policy_path or cfg.model.path, dtype=precision.param_dtype)
+    policy.to(device=precision.device, dtype=precision.param_dtype)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     eos = tokenizer.eos_token_id
 
     if data.task == "addition":
@@ -249,7 +255,7 @@ def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad
     r = cfg.rollout
     path = save_model(policy, tokenizer, run_dir / "rollout_init")
     options: dict[str, Any] = {"dtype": r.vllm_dtype, "kv_cache_gib": r.vllm_kv_cache_gib, "seed": cfg.seed}
-    if torch.cuda.is_available():
+    if cfg.model.resolved_device().type == "cuda":
         options.update(gpu_memory_utilization=r.gpu_memory_utilization, sleep=r.vllm_sleep)
     else:
         options["sleep"] = False
@@ -324,20 +330,23 @@ class Trainer:
         s = self._use_task(setup_task(cfg))
         state = RunState(summary={"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts})
 
-        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
+        self.generator = self._hf_generator()
         if cfg.sft.enabled and s.sft_examples:
             state.summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
-                                         cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator)))
+                                         cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator),
+                                         self.precision))
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
-        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        # Stored in the compute dtype: it never trains, so it needs no fp32 master copy.
+        self.reference = copy.deepcopy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
         # Saved once per run, not in every checkpoint: it never changes after the warm start,
         # and for a real model it is as large as the policy.
         save_model(self.reference, self.tokenizer, self.run_dir / "reference")
         critic = None
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
-            critic = (ValueModel.from_pretrained(cfg.model.critic_path) if cfg.model.critic_path
-                      else ValueModel.from_causal_lm(self.policy))
+            p = self.precision
+            critic = (ValueModel.from_pretrained(cfg.model.critic_path, dtype=p.param_dtype, device=p.device)
+                      if cfg.model.critic_path else ValueModel.from_causal_lm(self.policy))
         self._build_learners(critic)
 
         state.evals.append(self.evaluate(0))
@@ -355,14 +364,14 @@ class Trainer:
         print(f"longcot: resuming run folder {run_dir} from {path.name}", flush=True)
         self.run_dir = run_dir
         self._use_task(setup_task(cfg, policy_path=path / "policy"))
-        dtype = next(self.policy.parameters()).dtype
-        self.reference = load_reference(run_dir / "reference", dtype=dtype)[0]
+        p = self.precision
+        self.reference = load_reference(run_dir / "reference", dtype=p.compute_dtype, device=p.device)[0]
         critic = None
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
             if not (path / "critic").is_dir():
                 raise CheckpointError(f"{path}: no critic/ (saved by a run without one), but "
                                       f"algorithm.name={cfg.algorithm.name} needs a critic")
-            critic = ValueModel.from_pretrained(path / "critic", dtype=dtype)
+            critic = ValueModel.from_pretrained(path / "critic", dtype=p.param_dtype, device=p.device)
         self._build_learners(critic)
         self.optimizer.load_state_dict(saved.optimizers["optimizer"])
         if self.critic_optimizer is not None:
@@ -378,7 +387,7 @@ class Trainer:
         self.update_gen.set_state(saved.rng["update_gen"])
         torch.set_rng_state(saved.rng["torch"])
 
-        self.generator = HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id)
+        self.generator = self._hf_generator()
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
         # The run's config as continued (e.g. more steps), without `resume`: it describes the job.
@@ -391,12 +400,19 @@ class Trainer:
     def _use_task(self, s: Setup) -> Setup:
         self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.precision: Precision = self.config.model.resolved_precision()
+        self.device = self.precision.device
         return s
+
+    def _hf_generator(self) -> HFGenerator:
+        return HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id, precision=self.precision)
 
     def _build_learners(self, critic: ValueModel | None) -> None:
         """The critic, optimisers, KL controller and RL random streams, as at RL step 0."""
         cfg = self.config
         self.critic = critic
+        if critic is not None and cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(critic)
         # (policy, critic) hyper-parameters besides the learning rates, which each step sets
         self.optim_settings = (dict(betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay),
                                dict(betas=cfg.optim.betas))
@@ -477,7 +493,8 @@ class Trainer:
         r = cfg.rollout
         rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
                                           r.temperature, r.top_p, r.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
-        answers = [self.setup.train.answers[idx[int(i)]] for i in rollout.prompt_index]
+        rollout = rollout.to(self.device)  # a no-op for HF; vLLM hands back host tensors
+        answers = [self.setup.train.answers[idx[i]] for i in rollout.prompt_index.tolist()]
         times["rollout"], t = time.perf_counter() - t, time.perf_counter()
 
         texts = response_texts(self.tokenizer, rollout)
@@ -513,81 +530,112 @@ class Trainer:
         self.kl_ctl.update(seq_kl, len(rollout))
         return self.step_metrics(step, rollout, texts, scores, rewards, kl, exp, stats, times)
 
+    def micro_batches(self, sb: SequenceBatch, rows: list[int], widths: list[int],
+                      experience: bool = False) -> list[tuple[torch.Tensor, SequenceBatch]]:
+        """(row indices on the device, the rows' SequenceBatch) per micro-batch of ``rows``: by
+        the token budget (sorted by length, each trimmed to its own width), or in count mode
+        ``micro_batch_size`` rows in the given order at the batch's width."""
+        a = self.config.algorithm
+        budget = a.max_tokens_per_micro_batch
+        if experience and a.max_tokens_per_experience_batch is not None:
+            budget = a.max_tokens_per_experience_batch
+        plan = plan_micro_batches(widths, rows, budget, a.micro_batch_size)
+        return [(torch.tensor(r, device=sb.tokens.device), micro_batch(sb, r, trim=budget is not None))
+                for r in plan]
+
     @torch.no_grad()
     def experience(self, rollout: Rollout) -> Experience:
         """Old-policy and reference log-probs (recomputed by the trainer, at the sampling
         temperature, so PPO's ratio starts at exactly 1), entropy and critic values."""
         sb = sequence_batch(rollout.prompts, rollout.tokens, rollout.lengths, self.pad_id)
         temp = self.config.rollout.temperature
-        parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "ent": [], "val": []}
+        out = {k: torch.zeros(sb.tokens.shape, dtype=torch.float32, device=self.device)
+               for k in ("old", "ref", "ent", "val")}
+        widths = sb.attention_mask.sum(-1).tolist()
         self.policy.eval()
-        for rows in torch.arange(len(rollout)).split(self.config.algorithm.micro_batch_size):
-            micro = select_rows(sb, rows)
-            logp, ent = response_logprobs(self.policy, micro, temp, with_entropy=True)
-            parts["old"].append(logp)
-            parts["ent"].append(ent)
-            parts["ref"].append(response_logprobs(self.reference, micro, temp)[0])
+        for rows, micro in self.micro_batches(sb, list(range(len(sb))), widths, experience=True):
+            steps = micro.tokens.shape[1]
+            out["old"][rows, :steps], out["ent"][rows, :steps] = response_logprobs(
+                self.policy, micro, temp, with_entropy=True, precision=self.precision)
+            out["ref"][rows, :steps] = response_logprobs(self.reference, micro, temp)[0]
             if self.critic is not None:
-                parts["val"].append(response_values(self.critic, micro))
-        values = torch.cat(parts["val"]) if parts["val"] else None
-        return Experience(rollout, sb, torch.cat(parts["old"]), torch.cat(parts["ref"]), torch.cat(parts["ent"]), values)
+                out["val"][rows, :steps] = response_values(self.critic, micro, self.precision)
+        values = out["val"] if self.critic is not None else None
+        return Experience(rollout, sb, out["old"], out["ref"], out["ent"], values)
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches, accumulating gradients over micro-batches."""
+        """PPO epochs over shuffled mini-batches, accumulating gradients over micro-batches.
+
+        Every term is weighted by its micro-batch's share of the mini-batch (tokens for token
+        means, responses for sequence means), so the gradients do not depend on how a mini-batch
+        is cut. Statistics stay on the device until the end of the step.
+        """
         cfg, a = self.config, self.config.algorithm
         temp = cfg.rollout.temperature
         mask = exp.sb.mask
+        widths = exp.sb.attention_mask.sum(-1).tolist()
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
-        acc: dict[str, list[float]] = {k: [] for k in ("pg_loss", "clip_frac", "approx_kl", "value_loss",
-                                                        "value_clip_frac", "grad_norm", "critic_grad_norm")}
+        names = ("pg_loss", "clip_frac", "approx_kl", "value_loss", "value_clip_frac")
+        per_minibatch: list[torch.Tensor] = []
+        norms: dict[str, list[torch.Tensor]] = {"grad_norm": [], "critic_grad_norm": []}
         updates = skipped = 0
         for _ in range(a.epochs):
             perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
             for rows in perm.split(a.mini_batch_size):
+                rows = rows.tolist()
                 tokens = mask[rows].sum().clamp_min(1)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.critic_optimizer is not None:
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                finite = {"policy": True, "critic": True}
-                for micro in rows.split(a.micro_batch_size):
-                    sb = select_rows(exp.sb, micro)
-                    share = (mask[micro].sum() / tokens) if a.loss_agg == "token-mean" else len(micro) / len(rows)
-                    hidden, weight, sb = response_hidden(self.policy, sb)
+                finite = torch.ones(2, dtype=torch.bool, device=self.device)  # policy, critic
+                stats = torch.zeros(len(names), dtype=torch.float32, device=self.device)
+                for micro, sb in self.micro_batches(exp.sb, rows, widths):
+                    steps = sb.tokens.shape[1]
+                    token_share = sb.mask.sum() / tokens
+                    share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)
+                    hidden, weight, sb = response_hidden(self.policy, sb, self.precision)
                     loss, st = linear_ppo_policy_loss(
-                        hidden, weight, sb.tokens, exp.old_logp[micro], exp.advantages[micro], sb.mask,
-                        temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.entropy_coef > 0)
+                        hidden, weight, sb.tokens, exp.old_logp[micro, :steps], exp.advantages[micro, :steps],
+                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.entropy_coef > 0)
                     logp, ent = st["logp"], st.get("entropy")
-                    acc["pg_loss"].append(loss.item())
-                    acc["clip_frac"].append(st["clip_frac"].item())
-                    acc["approx_kl"].append(st["approx_kl"].item())
+                    stats[0] += loss.detach() * share
+                    stats[1] += st["clip_frac"] * token_share
+                    stats[2] += st["approx_kl"] * token_share
+                    loss = loss * share
+                    # Token means over the whole mini-batch, whatever the policy loss aggregation.
                     if a.kl_in == "loss":
-                        kl = kl_penalty(logp, exp.ref_logp[micro], a.kl_estimator)
-                        loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / sb.mask.sum().clamp_min(1)
+                        kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator)
+                        loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / tokens
                     if ent is not None:
-                        loss = loss - a.entropy_coef * (ent * sb.mask).sum() / sb.mask.sum().clamp_min(1)
-                    finite["policy"] &= bool(torch.isfinite(loss))
-                    (loss * share).backward()
+                        loss = loss - a.entropy_coef * (ent * sb.mask).sum() / tokens
+                    finite[0] &= torch.isfinite(loss)
+                    loss.backward()
                     if self.critic is not None:
-                        values = response_values(self.critic, sb)
-                        vloss, vfrac = value_loss(values, exp.values[micro], exp.returns[micro], sb.mask, a.value_clip)
-                        finite["critic"] &= bool(torch.isfinite(vloss))
-                        (a.vf_coef * vloss * share).backward()
-                        acc["value_loss"].append(vloss.item())
-                        acc["value_clip_frac"].append(vfrac.item())
+                        values = response_values(self.critic, sb, self.precision)
+                        vloss, vfrac = value_loss(values, exp.values[micro, :steps], exp.returns[micro, :steps],
+                                                  sb.mask, a.value_clip, num_tokens=tokens)
+                        finite[1] &= torch.isfinite(vloss)
+                        (a.vf_coef * vloss).backward()
+                        stats[3] += vloss.detach()
+                        stats[4] += vfrac * token_share
+                per_minibatch.append(stats)
+                policy_ok, critic_ok = finite.tolist()  # one sync per optimiser step
                 updates += 1
-                skipped += self._optimizer_step(self.policy, self.optimizer, acc["grad_norm"], finite["policy"])
+                skipped += self._optimizer_step(self.policy, self.optimizer, norms["grad_norm"], policy_ok)
                 if self.critic is not None:
                     updates += 1
-                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, acc["critic_grad_norm"],
-                                                    finite["critic"])
+                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, norms["critic_grad_norm"],
+                                                    critic_ok)
         self.policy.eval()
-        out = {k: sum(v) / len(v) for k, v in acc.items() if v}
+        means = torch.stack(per_minibatch).mean(0).tolist()
+        out = {k: v for k, v in zip(names, means) if self.critic is not None or not k.startswith("value")}
+        out.update({k: torch.stack(v).mean().item() for k, v in norms.items() if v})
         out["updates"], out["skipped_updates"] = updates, skipped
         return out
 
-    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[float],
+    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[torch.Tensor],
                         loss_finite: bool) -> int:
         """Clip and step. A non-finite loss or gradient norm skips the update (returns 1): the
         optimiser is not stepped, so its moments and step count stay as they were."""
@@ -595,7 +643,7 @@ class Trainer:
             clip = self.config.optim.grad_clip
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
             if torch.isfinite(norm):
-                norms.append(norm.item())
+                norms.append(norm.detach().float())
                 optimizer.step()
                 return 0
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,13 @@ Every op has a plain PyTorch reference (``<op>_reference``) beside its fast path
 device; ``LONGCOT_KERNELS=reference|cpu|triton`` forces a path (see ``_backend``).
 """
 
-from ._backend import BACKENDS, has_cpu_extension, requested_backend
+from ._backend import (
+    BACKENDS,
+    dispatch_counts,
+    has_cpu_extension,
+    requested_backend,
+    reset_dispatch_counts,
+)
 from .gae import gae, gae_reference
 from .kl import ESTIMATORS, kl_penalty, kl_penalty_reference
 from .linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
@@ -25,6 +31,7 @@ __all__ = [
     "BACKENDS",
     "ESTIMATORS",
     "discounted_returns",
+    "dispatch_counts",
     "discounted_returns_reference",
     "gae",
     "gae_reference",
@@ -42,6 +49,7 @@ __all__ = [
     "repetition_ratio",
     "repetition_ratio_reference",
     "requested_backend",
+    "reset_dispatch_counts",
     "token_logprobs",
     "token_logprobs_reference",
     "token_rewards",

@@ -14,12 +14,17 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 ENV_VAR = "LONGCOT_KERNELS"
+
+# (op, implementation) -> calls, for tests and reports that must know which path ran (e.g. that a
+# training step on CUDA tensors reached the Triton kernels).
+_dispatch_counts: Counter[tuple[str, str]] = Counter()
 
 _cpu_module: ModuleType | None = None
 _cpu_error: Exception | None = None
@@ -64,14 +69,30 @@ def cpu_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def dispatch_counts() -> dict[tuple[str, str], int]:
+    """Calls per (op, implementation) since the last ``reset_dispatch_counts()``."""
+    return dict(_dispatch_counts)
+
+
+def reset_dispatch_counts() -> None:
+    _dispatch_counts.clear()
+
+
 def select(
-    device: torch.device, *, cpu: bool, triton: bool, cpu_needs_extension: bool = True
+    device: torch.device, *, cpu: bool, triton: bool, cpu_needs_extension: bool = True, op: str = "?"
 ) -> str:
-    """Pick ``reference``, ``cpu`` or ``triton`` for an op with the given implementations.
+    """Pick ``reference``, ``cpu`` or ``triton`` for an op with the given implementations, and
+    count the choice under ``op``.
 
     ``cpu_needs_extension=False`` is for ops whose CPU path is plain PyTorch (chunked log-probs):
     it runs without the C++ extension, on any device.
     """
+    impl = _select(device, cpu=cpu, triton=triton, cpu_needs_extension=cpu_needs_extension)
+    _dispatch_counts[(op, impl)] += 1
+    return impl
+
+
+def _select(device: torch.device, *, cpu: bool, triton: bool, cpu_needs_extension: bool) -> str:
     want = requested_backend()
     if want == "reference":
         return "reference"

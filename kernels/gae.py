@@ -116,7 +116,7 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), each [B, T] in fp32 (fp64 when both inputs are fp64)."""
     rewards, values, mask, gamma, lam = _check(rewards, values, mask, gamma, lam)
-    impl = select(rewards.device, cpu=True, triton=True)
+    impl = select(rewards.device, cpu=True, triton=True, op="gae")
     if impl == "triton":
         return gae_triton(rewards, values, mask, gamma, lam)
     if impl == "cpu":

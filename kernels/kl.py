@@ -69,6 +69,6 @@ def kl_penalty_triton(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate, fp32, same shape as ``logp``."""
     logp, ref_logp, estimator = _check(logp, ref_logp, estimator)
-    if select(logp.device, cpu=False, triton=True) == "triton":
+    if select(logp.device, cpu=False, triton=True, op="kl_penalty") == "triton":
         return kl_penalty_triton(logp, ref_logp, estimator)
     return kl_penalty_reference(logp, ref_logp, estimator)

@@ -457,7 +457,7 @@ def linear_token_logprobs(
     Returns ``logp``, or ``(logp, entropy)``. Differentiable with respect to hidden and weight.
     """
     hidden, weight, tokens, temperature = _check(hidden, weight, tokens, temperature)
-    impl = select(hidden.device, cpu=True, triton=True, cpu_needs_extension=False)
+    impl = select(hidden.device, cpu=True, triton=True, cpu_needs_extension=False, op="linear_token_logprobs")
     if impl == "triton":
         return linear_token_logprobs_triton(hidden, weight, tokens, temperature, return_entropy)
     if impl == "cpu":

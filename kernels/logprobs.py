@@ -367,7 +367,7 @@ def token_logprobs(
     respect to ``logits``.
     """
     logits, tokens, temperature = _check(logits, tokens, temperature)
-    impl = select(logits.device, cpu=True, triton=True, cpu_needs_extension=False)
+    impl = select(logits.device, cpu=True, triton=True, cpu_needs_extension=False, op="token_logprobs")
     if impl == "triton":
         return token_logprobs_triton(logits, tokens, temperature, return_entropy)
     if impl == "cpu":

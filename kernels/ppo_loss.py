@@ -276,6 +276,6 @@ def ppo_policy_loss(
     ``clip_frac`` (share of valid tokens where the clipped branch is taken), ``approx_kl`` (mean of
     old_logp - logp) and, with a dual clip, ``dual_clip_frac``."""
     args = _check(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
-    if select(args[0].device, cpu=False, triton=True) == "triton":
+    if select(args[0].device, cpu=False, triton=True, op="ppo_policy_loss") == "triton":
         return ppo_policy_loss_triton(*args)
     return ppo_policy_loss_reference(*args)

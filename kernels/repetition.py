@@ -215,7 +215,7 @@ def repetition_mask(
     n tokens instead of at every token. Positions at or past a sequence's length are never marked.
     """
     tokens, lengths, n = _check(tokens, lengths, n)
-    impl = select(tokens.device, cpu=True, triton=True)
+    impl = select(tokens.device, cpu=True, triton=True, op="repetition_mask")
     if impl == "triton":
         return repetition_mask_triton(tokens, lengths, n, only_start)
     if impl == "cpu":
@@ -229,7 +229,7 @@ def repetition_mask(
 def repetition_ratio(tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
     """Float32 [B]: 1 - distinct n-grams / n-grams per sequence; 0 when it has no n-gram."""
     tokens, lengths, n = _check(tokens, lengths, n)
-    impl = select(tokens.device, cpu=True, triton=True)
+    impl = select(tokens.device, cpu=True, triton=True, op="repetition_ratio")
     if impl == "triton":
         return repetition_ratio_triton(tokens, lengths, n)
     if impl == "cpu":

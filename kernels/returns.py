@@ -116,7 +116,7 @@ def discounted_returns(
 ) -> torch.Tensor:
     """Sum over channels of the per-channel discounted returns, [B, T] in fp32 (fp64 for fp64)."""
     rewards, mask, gammas = _check(rewards, mask, gammas)
-    impl = select(rewards.device, cpu=True, triton=True)
+    impl = select(rewards.device, cpu=True, triton=True, op="discounted_returns")
     if impl == "triton":
         return discounted_returns_triton(rewards, mask, gammas)
     if impl == "cpu":

@@ -167,6 +167,6 @@ def token_rewards(
     """(rewards [B, T, C], kl [B, T]), fp32. Rows must be right-padded: the sparse reward lands at
     position (number of valid tokens - 1)."""
     args = _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator)
-    if select(logp.device, cpu=False, triton=True) == "triton":
+    if select(logp.device, cpu=False, triton=True, op="token_rewards") == "triton":
         return token_rewards_triton(*args)
     return token_rewards_reference(*args)

@@ -69,10 +69,11 @@ def gae_multi_gamma(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
 def _group_stats(score: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-response mean, std and size of its group's scores."""
     groups = int(group.max()) + 1
-    count = torch.zeros(groups).index_add_(0, group, torch.ones_like(score))
-    total = torch.zeros(groups).index_add_(0, group, score)
+    zeros = score.new_zeros(groups)
+    count = zeros.index_add(0, group, torch.ones_like(score))
+    total = zeros.index_add(0, group, score)
     mean = total / count
-    var = torch.zeros(groups).index_add_(0, group, (score - mean[group]) ** 2) / count
+    var = zeros.index_add(0, group, (score - mean[group]) ** 2) / count
     return mean[group], var.sqrt()[group], count[group]
 
 

@@ -8,20 +8,30 @@ import torch
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2), PPO's clipped value loss; and the
-    share of tokens where the clipped branch is taken."""
+    share of tokens where the clipped branch is taken.
+
+    ``num_tokens`` divides the masked sum instead of the mask's own count: with the mini-batch's
+    token count, micro-batch losses add up to the mini-batch's mean however it was cut.
+    """
     m = mask.float()
     unclipped = (values - returns) ** 2
     if clip is None:
-        loss, frac = unclipped, torch.zeros(())
+        loss, frac = unclipped, torch.zeros((), device=values.device)
     else:
         clipped_values = old_values + (values - old_values).clamp(-clip, clip)
         clipped = (clipped_values - returns) ** 2
         loss = torch.maximum(unclipped, clipped)
         frac = ((clipped > unclipped).float() * m).sum() / m.sum().clamp_min(1)
-    return 0.5 * (loss * m).sum() / m.sum().clamp_min(1), frac.detach()
+    denom = m.sum().clamp_min(1) if num_tokens is None else num_tokens
+    return 0.5 * (loss * m).sum() / denom, frac.detach()
 
 
 class KLController:

@@ -35,6 +35,13 @@ class Rollout:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout with its tensors on ``device`` (itself when they are there)."""
+        if self.tokens.device == torch.device(device):
+            return self
+        return Rollout(self.prompts, *(t.to(device) for t in (self.prompt_index, self.tokens, self.lengths,
+                                                               self.truncated, self.logprobs)))
+
 
 class Generator(Protocol):
     def generate(

@@ -1,11 +1,18 @@
-"""Rollouts with Hugging Face `generate` (KV cache), running the trainer's own policy module."""
+"""Rollouts with Hugging Face `generate` (KV cache), running the trainer's own policy module.
+
+The rollout's tensors stay on the policy's device; with a ``Precision`` the decoding runs under
+its autocast (bf16 compute on fp32 master weights).
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from longcot.kernels import token_logprobs
 
+from ..device import Precision
 from .base import Rollout, check_generate_args
 
 # generate() fills every setting a call leaves unset from the model folder's
@@ -27,11 +34,13 @@ NEUTRAL_SAMPLING = {
 class HFGenerator:
     """Samples from ``model`` itself, so a weight update needs no copy."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 256):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
+                 precision: Precision | None = None):
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
+        self.precision = precision
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -48,11 +57,12 @@ class HFGenerator:
     ) -> Rollout:
         check_generate_args(prompts, n, max_new_tokens)
         expanded = [p for p in prompts for _ in range(n)]
-        index = torch.arange(len(prompts)).repeat_interleave(n)
+        device = next(self.model.parameters()).device
+        index = torch.arange(len(prompts), device=device).repeat_interleave(n)
         chunks = []
         # A seeded, private RNG stream: the same seed gives the same rollout, and sampling does
-        # not move the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
+        # not move the caller's global RNG (nor, on a GPU, its device's).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(expanded), self.batch_size):
@@ -78,29 +88,31 @@ class HFGenerator:
         greedy = temperature == 0
         was_training = self.model.training
         self.model.eval()
+        autocast = self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
         try:
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                do_sample=not greedy,
-                **NEUTRAL_SAMPLING,
-                temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+            with autocast:
+                out = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attn.to(device),
+                    do_sample=not greedy,
+                    **NEUTRAL_SAMPLING,
+                    temperature=None if greedy else temperature,
+                    top_p=None if greedy else top_p,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
         finally:
             self.model.train(was_training)
-        tokens = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).cpu()  # raw logits, before temperature and top-p
+        tokens = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1)  # raw logits, before temperature and top-p
         is_eos = tokens == self.eos_token_id
         has_eos = is_eos.any(dim=1)
         first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, tokens.shape[1], dtype=torch.long))
         lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, tokens.shape[1]))
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        mask = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
         tokens = tokens.masked_fill(~mask, self.pad_token_id)
         logp = token_logprobs(logits, tokens, temperature=1.0 if greedy else temperature)
         logp = logp.masked_fill(~mask, 0.0)
