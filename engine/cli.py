@@ -11,6 +11,12 @@ def _bench(args: argparse.Namespace) -> int:
         from longcot.bench import kernels
 
         return kernels.run(device=args.device, small=args.small, json_path=args.json)
+    if args.suite == "step":
+        from longcot.bench import step
+
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+        return step.run(device=args.device, small=args.small, json_path=args.json, lengths=lengths,
+                        batch=args.batch, budget=args.budget, threads=args.threads)
     raise AssertionError(args.suite)  # argparse restricts the choices
 
 
@@ -91,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
-    bench.add_argument("suite", choices=["kernels"], help="kernels: per-op microbenchmarks")
+    bench.add_argument("suite", choices=["kernels", "step"],
+                       help="kernels: per-op microbenchmarks; step: experience + PPO update at long lengths, "
+                            "padded vs token-budget micro-batches, with and without checkpointing")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="device to measure on (cuda --small runs without a GPU under TRITON_INTERPRET=1)",
@@ -99,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="small shapes: a quick smoke run")
     bench.add_argument(
         "--json", metavar="PATH", default=None,
-        help="where to write the results (default: bench/out/kernels-<device>.json)",
+        help="where to write the results (default: bench/out/<suite>-<device>.json)",
     )
+    bench.add_argument("--lengths", metavar="L,L,...", default=None,
+                       help="step: maximum response lengths (default 2048,8192,16384)")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="step: responses per row (default 16; 2 at L = 16,384 on CPU)")
+    bench.add_argument("--budget", type=int, default=16384, help="step: tokens per micro-batch (default 16384)")
+    bench.add_argument("--threads", type=int, default=2, help="step: torch threads per side (default 2)")
     bench.set_defaults(func=_bench)
     return parser
 

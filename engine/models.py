@@ -418,16 +418,20 @@ class ValueModel(nn.Module):
         cls,
         path_or_model: str | Path | nn.Module,
         dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
     ) -> ValueModel:
         """A critic whose backbone starts from a causal LM (a folder or a model object).
 
         A model object is deep-copied: the critic is trained separately and must not share
-        parameters with the policy it was initialised from.
+        parameters with the policy it was initialised from; it stays on the model's device unless
+        ``device`` says otherwise (a folder loads to the CPU by default).
         """
         if isinstance(path_or_model, nn.Module):
             backbone = copy.deepcopy(_base_model(path_or_model))
+            if device is None:
+                device = next(backbone.parameters()).device
             return cls(backbone).to(device)
+        device = "cpu" if device is None else device
         from transformers import AutoModelForCausalLM
 
         path = _check_model_dir(path_or_model)

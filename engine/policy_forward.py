@@ -5,6 +5,10 @@ so positions are the natural 0..n-1 that generation used. The hidden state at co
 p_b + t - 1 predicts response token t of row b (p_b = its prompt length); gathering those
 columns gives [B, T, H] aligned with the response tensors, and `linear_token_logprobs` turns
 the valid ones into log-probs without materialising [tokens x vocab] logits.
+
+The hot path keeps this one representation: micro-batches are row subsets of the batch, cut by a
+token budget (`plan_micro_batches`) and trimmed to their own width (`micro_batch`), so memory and
+time follow the tokens a micro-batch holds, not the batch's longest row.
 """
 
 from __future__ import annotations
@@ -73,36 +77,56 @@ def plan_micro_batches(
 ) -> list[list[int]]:
     """Cut ``rows`` (indices into ``widths``: prompt + response lengths) into micro-batches.
 
-    With a token budget the rows are sorted by width, longest first, and each micro-batch takes
-    rows while (rows x its widest row) stays within ``max_tokens``: the padded rectangle a forward
-    pays for. Neighbours in that order have similar widths, so padding stays small; a row wider
-    than the budget gets a micro-batch of its own. Without one (count mode), ``max_rows`` rows
-    each in the given order.
+    With a token budget the rows are sorted by width, longest first, and cut into consecutive
+    runs whose padded rectangle (rows x the run's widest row) stays within ``max_tokens``; a row
+    wider than the budget gets a micro-batch of its own. Among such cuts the one with the least
+    padded tokens plus ``max_tokens / 16`` per micro-batch is chosen (an exact dynamic programme
+    over the sorted rows): one more forward is worth it only when it removes at least that much
+    padding, which keeps padding small on ragged batches without cutting a batch of equal
+    lengths into many small forwards. Without a budget (count mode), ``max_rows`` rows each in
+    the given order.
     """
     if max_tokens is None:
         return [rows[i : i + max_rows] for i in range(0, len(rows), max_rows)]
     order = sorted(rows, key=lambda r: -widths[r])  # stable: ties keep their given order
-    out: list[list[int]] = []
-    for r in order:
-        if out and (len(out[-1]) + 1) * widths[out[-1][0]] <= max_tokens:
-            out[-1].append(r)
-        else:
-            out.append([r])
-    return out
+    w = [widths[r] for r in order]
+    n, overhead = len(order), max_tokens / 16
+    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest cut of order[:j]
+    cut = [0] * (n + 1)  # where the last run of that cut starts
+    for i in range(n):  # a run order[i:j] is padded to w[i], the widest of it
+        fits = max(1, max_tokens // max(1, w[i]))
+        for j in range(i + 1, min(n, i + fits) + 1):
+            cost = best[i] + (j - i) * w[i] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j]:j])
+        j = cut[j]
+    return out[::-1]
 
 
-def micro_batch(sb: SequenceBatch, rows: list[int] | torch.Tensor, trim: bool = True) -> SequenceBatch:
+def row_sizes(sb: SequenceBatch) -> tuple[list[int], list[int]]:
+    """(prompt + response widths, response lengths) of every row, as host lists: the one host
+    sync a batch's micro-batch planning needs."""
+    return sb.attention_mask.sum(-1).tolist(), sb.mask.sum(-1).tolist()
+
+
+def micro_batch(sb: SequenceBatch, rows: list[int], trim: bool = True,
+                sizes: tuple[list[int], list[int]] | None = None) -> SequenceBatch:
     """The rows of ``sb``; with ``trim``, cut to their own widest row and longest response, so a
-    micro-batch of short rows does not pay for the batch's longest one."""
+    micro-batch of short rows does not pay for the batch's longest one. ``sizes`` (from
+    ``row_sizes``) saves the host syncs of finding those."""
     index = torch.as_tensor(rows, dtype=torch.long, device=sb.input_ids.device)
-    sub = SequenceBatch(sb.input_ids[index], sb.attention_mask[index], sb.positions[index], sb.tokens[index],
-                        sb.mask[index])
     if not trim:
-        return sub
-    width = max(1, int(sub.attention_mask.sum(-1).max()))
-    steps = max(1, int(sub.mask.sum(-1).max()))
-    return SequenceBatch(sub.input_ids[:, :width], sub.attention_mask[:, :width],
-                         sub.positions[:, :steps].clamp(max=width - 1), sub.tokens[:, :steps], sub.mask[:, :steps])
+        return SequenceBatch(sb.input_ids[index], sb.attention_mask[index], sb.positions[index], sb.tokens[index],
+                             sb.mask[index])
+    widths, lengths = sizes if sizes is not None else row_sizes(sb)
+    width = max(1, max(widths[r] for r in rows))
+    steps = max(1, max(lengths[r] for r in rows))
+    return SequenceBatch(sb.input_ids[index, :width], sb.attention_mask[index, :width],
+                         sb.positions[index, :steps].clamp(max=width - 1), sb.tokens[index, :steps],
+                         sb.mask[index, :steps])
 
 
 def padding_share(sbs: list[SequenceBatch]) -> float:

@@ -14,7 +14,13 @@ from tqdm.auto import tqdm
 
 from .config import SFTConfig
 from .device import Precision
-from .policy_forward import micro_batch, plan_micro_batches, response_logprobs, sequence_batch
+from .policy_forward import (
+    micro_batch,
+    plan_micro_batches,
+    response_logprobs,
+    row_sizes,
+    sequence_batch,
+)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -74,9 +80,10 @@ def run_sft(
         loss = torch.zeros((), device=device)
         rows = list(range(len(sb)))
         budget = cfg.max_tokens_per_micro_batch
-        plan = [rows] if budget is None else plan_micro_batches(sb.attention_mask.sum(-1).tolist(), rows, budget, len(rows))
+        sizes = row_sizes(sb) if budget is not None else None
+        plan = [rows] if sizes is None else plan_micro_batches(sizes[0], rows, budget, len(rows))
         for part in plan:
-            micro = sb if budget is None else micro_batch(sb, part)
+            micro = sb if sizes is None else micro_batch(sb, part, sizes=sizes)
             logp, _ = response_logprobs(model, micro, temperature=1.0, precision=precision)
             part_loss = -logp.sum() / total
             part_loss.backward()

@@ -77,6 +77,7 @@ from .policy_forward import (
     response_hidden,
     response_logprobs,
     response_values,
+    row_sizes,
     sequence_batch,
 )
 from .rewards import RewardChannel, score_responses
@@ -284,6 +285,26 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
 
+    @classmethod
+    def from_models(cls, config: TrainConfig, policy: torch.nn.Module, critic: ValueModel | None = None,
+                    pad_id: int = 0) -> Trainer:
+        """A trainer around given models (placed on ``config.model``'s device and precision), with
+        its optimisers and KL controller but no task: for calling ``experience`` and ``update``
+        directly, as the step benchmark and tests do."""
+        tr = cls(config)
+        tr.precision = config.model.resolved_precision()
+        tr.device = tr.precision.device
+        tr.policy = policy.to(device=tr.device, dtype=tr.precision.param_dtype)
+        tr.pad_id = pad_id
+        if config.model.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+        tr.reference = copy.deepcopy(policy).to(tr.precision.compute_dtype).eval().requires_grad_(False)
+        if critic is not None:
+            critic.backbone.to(device=tr.device, dtype=tr.precision.param_dtype)
+            critic.value_head.to(tr.device)
+        tr._build_learners(critic)
+        return tr
+
     # --- the run -----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
@@ -402,6 +423,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.precision: Precision = self.config.model.resolved_precision()
         self.device = self.precision.device
+        self.sampler = PromptSampler(len(s.train.ids), self.config.seed)
         return s
 
     def _hf_generator(self) -> HFGenerator:
@@ -420,7 +442,6 @@ class Trainer:
         self.critic_optimizer = None if self.critic is None else torch.optim.AdamW(
             self.critic.parameters(), lr=cfg.optim.critic_lr, **self.optim_settings[1])
         self.kl_ctl = KLController(cfg.algorithm.kl_coef, cfg.algorithm.kl_target, cfg.algorithm.kl_horizon)
-        self.sampler = PromptSampler(len(self.setup.train.ids), cfg.seed)
         self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
     def _save_checkpoint(self, state: RunState) -> Path:
@@ -530,17 +551,18 @@ class Trainer:
         self.kl_ctl.update(seq_kl, len(rollout))
         return self.step_metrics(step, rollout, texts, scores, rewards, kl, exp, stats, times)
 
-    def micro_batches(self, sb: SequenceBatch, rows: list[int], widths: list[int],
+    def micro_batches(self, sb: SequenceBatch, rows: list[int], sizes: tuple[list[int], list[int]],
                       experience: bool = False) -> list[tuple[torch.Tensor, SequenceBatch]]:
         """(row indices on the device, the rows' SequenceBatch) per micro-batch of ``rows``: by
         the token budget (sorted by length, each trimmed to its own width), or in count mode
-        ``micro_batch_size`` rows in the given order at the batch's width."""
+        ``micro_batch_size`` rows in the given order at the batch's width. ``sizes``: the batch's
+        ``row_sizes``."""
         a = self.config.algorithm
         budget = a.max_tokens_per_micro_batch
         if experience and a.max_tokens_per_experience_batch is not None:
             budget = a.max_tokens_per_experience_batch
-        plan = plan_micro_batches(widths, rows, budget, a.micro_batch_size)
-        return [(torch.tensor(r, device=sb.tokens.device), micro_batch(sb, r, trim=budget is not None))
+        plan = plan_micro_batches(sizes[0], rows, budget, a.micro_batch_size)
+        return [(torch.tensor(r, device=sb.tokens.device), micro_batch(sb, r, budget is not None, sizes))
                 for r in plan]
 
     @torch.no_grad()
@@ -551,9 +573,8 @@ class Trainer:
         temp = self.config.rollout.temperature
         out = {k: torch.zeros(sb.tokens.shape, dtype=torch.float32, device=self.device)
                for k in ("old", "ref", "ent", "val")}
-        widths = sb.attention_mask.sum(-1).tolist()
         self.policy.eval()
-        for rows, micro in self.micro_batches(sb, list(range(len(sb))), widths, experience=True):
+        for rows, micro in self.micro_batches(sb, list(range(len(sb))), row_sizes(sb), experience=True):
             steps = micro.tokens.shape[1]
             out["old"][rows, :steps], out["ent"][rows, :steps] = response_logprobs(
                 self.policy, micro, temp, with_entropy=True, precision=self.precision)
@@ -573,7 +594,7 @@ class Trainer:
         cfg, a = self.config, self.config.algorithm
         temp = cfg.rollout.temperature
         mask = exp.sb.mask
-        widths = exp.sb.attention_mask.sum(-1).tolist()
+        sizes = row_sizes(exp.sb)
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
@@ -591,7 +612,7 @@ class Trainer:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones(2, dtype=torch.bool, device=self.device)  # policy, critic
                 stats = torch.zeros(len(names), dtype=torch.float32, device=self.device)
-                for micro, sb in self.micro_batches(exp.sb, rows, widths):
+                for micro, sb in self.micro_batches(exp.sb, rows, sizes):
                     steps = sb.tokens.shape[1]
                     token_share = sb.mask.sum() / tokens
                     share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from longcot.engine import Trainer
-from longcot.engine.algorithms import KLController
 from longcot.engine.config import ConfigError, load_config
 from longcot.engine.data import addition
 from longcot.engine.device import enable_gradient_checkpointing
@@ -68,16 +67,10 @@ def _learner(overrides: list[str], policy, critic) -> Trainer:
     """A Trainer holding the given models, with SGD(lr=0) optimisers so that the gradients of
     one update stay readable in .grad afterwards."""
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "algorithm.mini_batch_size=7",
-                             "optim.grad_clip=null", *overrides])
-    tr = Trainer(cfg)
-    tr.policy, tr.critic, tr.pad_id = policy, critic, 0
-    tr.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    tr.precision = cfg.model.resolved_precision()
-    tr.device = tr.precision.device
+                             "optim.grad_clip=null", "algorithm.kl_coef=0.1", *overrides])
+    tr = Trainer.from_models(cfg, policy, critic)
     tr.optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     tr.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)
-    tr.kl_ctl = KLController(0.1)
-    tr.update_gen = torch.Generator().manual_seed(0)
     return tr
 
 
