@@ -71,6 +71,11 @@ class Precision:
             yield
 
 
+def autocast(precision: Precision | None) -> contextlib.AbstractContextManager:
+    """``precision.autocast()``, or nothing without a precision."""
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
+
+
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """``auto`` -> ``bf16-mixed`` on CUDA, ``fp32`` elsewhere."""
     if name not in PRECISIONS:

@@ -13,14 +13,13 @@ time follow the tokens a micro-batch holds, not the batch's longest row.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from longcot.kernels import linear_token_logprobs
 
-from .device import Precision
+from .device import Precision, autocast
 from .models import last_hidden_states, lm_head_weight
 
 
@@ -143,10 +142,6 @@ def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-def _autocast(precision: Precision | None):
-    return precision.autocast() if precision is not None else contextlib.nullcontext()
-
-
 def response_hidden(model: torch.nn.Module, sb: SequenceBatch, precision: Precision | None = None):
     """(hidden [B, T, H] of the state before each response token, LM-head weight [V, H], sb on
     the model's device): what `linear_token_logprobs` and `linear_ppo_policy_loss` take.
@@ -157,7 +152,7 @@ def response_hidden(model: torch.nn.Module, sb: SequenceBatch, precision: Precis
     """
     weight = lm_head_weight(model)
     sb = sb.to(weight.device)
-    with _autocast(precision):
+    with autocast(precision):
         hidden = last_hidden_states(model, sb.input_ids)
     return _gather(hidden, sb.positions), weight, sb
 
@@ -185,6 +180,6 @@ def response_values(critic: torch.nn.Module, sb: SequenceBatch, precision: Preci
     """Critic values V(s_t) [B, T] of the state before each response token, 0 at padding (no
     attention mask, as in `response_hidden`)."""
     sb = sb.to(next(critic.parameters()).device)
-    with _autocast(precision):
+    with autocast(precision):
         values = critic(sb.input_ids)
     return values.gather(1, sb.positions) * sb.mask

@@ -298,7 +298,7 @@ class Trainer:
         tr.pad_id = pad_id
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
-        tr.reference = copy.deepcopy(policy).to(tr.precision.compute_dtype).eval().requires_grad_(False)
+        tr.reference = tr._frozen_reference()
         if critic is not None:
             critic.backbone.to(device=tr.device, dtype=tr.precision.param_dtype)
             critic.value_head.to(tr.device)
@@ -358,8 +358,7 @@ class Trainer:
                                          self.precision))
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
-        # Stored in the compute dtype: it never trains, so it needs no fp32 master copy.
-        self.reference = copy.deepcopy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
+        self.reference = self._frozen_reference()
         # Saved once per run, not in every checkpoint: it never changes after the warm start,
         # and for a real model it is as large as the policy.
         save_model(self.reference, self.tokenizer, self.run_dir / "reference")
@@ -425,6 +424,11 @@ class Trainer:
         self.device = self.precision.device
         self.sampler = PromptSampler(len(s.train.ids), self.config.seed)
         return s
+
+    def _frozen_reference(self) -> torch.nn.Module:
+        """A frozen copy of the policy in the compute dtype: it never trains, so it needs no fp32
+        master copy."""
+        return copy.deepcopy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
 
     def _hf_generator(self) -> HFGenerator:
         return HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id, precision=self.precision)

@@ -6,13 +6,11 @@ its autocast (bf16 compute on fp32 master weights).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from longcot.kernels import token_logprobs
 
-from ..device import Precision
+from ..device import Precision, autocast
 from .base import Rollout, check_generate_args
 
 # generate() fills every setting a call leaves unset from the model folder's
@@ -88,9 +86,8 @@ class HFGenerator:
         greedy = temperature == 0
         was_training = self.model.training
         self.model.eval()
-        autocast = self.precision.autocast() if self.precision is not None else contextlib.nullcontext()
         try:
-            with autocast:
+            with autocast(self.precision):
                 out = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=attn.to(device),
