@@ -109,12 +109,15 @@ class Setup:
 class Experience:
     rollout: Rollout
     sb: SequenceBatch
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    entropy: torch.Tensor
+    old_logp: torch.Tensor | None  # None: on-policy, the update's own log-probs are the old ones
+    ref_logp: torch.Tensor | None  # None: no reference (algorithm.kl_coef = 0)
     values: torch.Tensor | None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    # Filled by the update's forward (its first epoch): entropy, and the per-token KL when it is
+    # a loss term and no old-policy forward ran.
+    entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -298,7 +301,7 @@ class Trainer:
         tr.pad_id = pad_id
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
-        tr.reference = tr._frozen_reference()
+        tr.reference = tr._frozen_reference() if config.algorithm.kl_coef > 0 else None
         if critic is not None:
             critic.backbone.to(device=tr.device, dtype=tr.precision.param_dtype)
             critic.value_head.to(tr.device)
@@ -358,10 +361,12 @@ class Trainer:
                                          self.precision))
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
-        self.reference = self._frozen_reference()
-        # Saved once per run, not in every checkpoint: it never changes after the warm start,
-        # and for a real model it is as large as the policy.
-        save_model(self.reference, self.tokenizer, self.run_dir / "reference")
+        # With no KL term the reference is neither built nor run.
+        self.reference = self._frozen_reference() if cfg.algorithm.kl_coef > 0 else None
+        if self.reference is not None:
+            # Saved once per run, not in every checkpoint: it never changes after the warm
+            # start, and for a real model it is as large as the policy.
+            save_model(self.reference, self.tokenizer, self.run_dir / "reference")
         critic = None
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
             p = self.precision
@@ -385,7 +390,12 @@ class Trainer:
         self.run_dir = run_dir
         self._use_task(setup_task(cfg, policy_path=path / "policy"))
         p = self.precision
-        self.reference = load_reference(run_dir / "reference", dtype=p.compute_dtype, device=p.device)[0]
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            if not (run_dir / "reference").is_dir():
+                raise CheckpointError(f"{run_dir}: no reference/ (the run started with algorithm.kl_coef=0), "
+                                      f"but algorithm.kl_coef={cfg.algorithm.kl_coef} needs the reference policy")
+            self.reference = load_reference(run_dir / "reference", dtype=p.compute_dtype, device=p.device)[0]
         critic = None
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
             if not (path / "critic").is_dir():
@@ -534,7 +544,13 @@ class Trainer:
         a = cfg.algorithm
         mask = exp.sb.mask
         kl_coef = self.kl_ctl.coef if a.kl_in == "reward" else 0.0
-        rewards, kl = token_rewards(scores.sparse, scores.dense, exp.old_logp, exp.ref_logp, mask, kl_coef, a.kl_estimator)
+        kl = None
+        if exp.old_logp is not None and exp.ref_logp is not None:
+            rewards, kl = token_rewards(scores.sparse, scores.dense, exp.old_logp, exp.ref_logp, mask, kl_coef,
+                                        a.kl_estimator)
+        else:  # no KL in the reward (the old-policy forward is skipped only then)
+            zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            rewards, _ = token_rewards(scores.sparse, scores.dense, zeros, zeros, mask, 0.0, a.kl_estimator)
         estimator = ESTIMATOR_OF[a.name]
         adv, returns = get_advantage(estimator)(AdvantageInputs(
             rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values))
@@ -551,8 +567,9 @@ class Trainer:
         self.generator.update_weights(self.policy)
         times["weight_sync"] = time.perf_counter() - t
 
-        seq_kl = (kl.sum(-1)).mean().item()
-        self.kl_ctl.update(seq_kl, len(rollout))
+        kl = exp.kl if kl is None else kl  # None: no reference, so no KL to report
+        if kl is not None:
+            self.kl_ctl.update(kl.sum(-1).mean().item(), len(rollout))
         return self.step_metrics(step, rollout, texts, scores, rewards, kl, exp, stats, times)
 
     def micro_batches(self, sb: SequenceBatch, rows: list[int], sizes: tuple[list[int], list[int]],
@@ -571,34 +588,45 @@ class Trainer:
 
     @torch.no_grad()
     def experience(self, rollout: Rollout) -> Experience:
-        """Old-policy and reference log-probs (recomputed by the trainer, at the sampling
-        temperature, so PPO's ratio starts at exactly 1), entropy and critic values."""
+        """The forwards the update needs before it starts: old-policy log-probs when they are
+        recomputed (at the sampling temperature, so PPO's ratio starts at 1 up to round-off; see
+        `algorithm.old_logprobs`), reference log-probs when there is a KL term, critic values."""
         sb = sequence_batch(rollout.prompts, rollout.tokens, rollout.lengths, self.pad_id)
         temp = self.config.rollout.temperature
+        source = self.config.algorithm.old_logprobs_source(len(rollout))
+        models = {"old": self.policy if source == "recompute" else None, "ref": self.reference, "val": self.critic}
         out = {k: torch.zeros(sb.tokens.shape, dtype=torch.float32, device=self.device)
-               for k in ("old", "ref", "ent", "val")}
+               for k, model in models.items() if model is not None}
         self.policy.eval()
-        for rows, micro in self.micro_batches(sb, list(range(len(sb))), row_sizes(sb), experience=True):
-            steps = micro.tokens.shape[1]
-            out["old"][rows, :steps], out["ent"][rows, :steps] = response_logprobs(
-                self.policy, micro, temp, with_entropy=True, precision=self.precision)
-            out["ref"][rows, :steps] = response_logprobs(self.reference, micro, temp)[0]
-            if self.critic is not None:
-                out["val"][rows, :steps] = response_values(self.critic, micro, self.precision)
-        values = out["val"] if self.critic is not None else None
-        return Experience(rollout, sb, out["old"], out["ref"], out["ent"], values)
+        if out:
+            for rows, micro in self.micro_batches(sb, list(range(len(sb))), row_sizes(sb), experience=True):
+                steps = micro.tokens.shape[1]
+                if "old" in out:
+                    out["old"][rows, :steps] = response_logprobs(self.policy, micro, temp, precision=self.precision)[0]
+                if "ref" in out:
+                    out["ref"][rows, :steps] = response_logprobs(self.reference, micro, temp)[0]
+                if "val" in out:
+                    out["val"][rows, :steps] = response_values(self.critic, micro, self.precision)
+        if source == "rollout":
+            out["old"] = rollout.logprobs.to(torch.float32) * sb.mask
+        return Experience(rollout, sb, out.get("old"), out.get("ref"), out.get("val"))
 
     def update(self, exp: Experience) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches, accumulating gradients over micro-batches.
 
         Every term is weighted by its micro-batch's share of the mini-batch (tokens for token
         means, responses for sequence means), so the gradients do not depend on how a mini-batch
-        is cut. Statistics stay on the device until the end of the step.
+        is cut. Statistics stay on the device until the end of the step. The first epoch's
+        forward also gives the step's entropy (and its KL when no old-policy forward ran).
         """
         cfg, a = self.config, self.config.algorithm
         temp = cfg.rollout.temperature
         mask = exp.sb.mask
         sizes = row_sizes(exp.sb)
+        kl_in_loss = a.kl_in == "loss" and exp.ref_logp is not None
+        exp.entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        if kl_in_loss and exp.old_logp is None:
+            exp.kl = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
@@ -606,7 +634,7 @@ class Trainer:
         per_minibatch: list[torch.Tensor] = []
         norms: dict[str, list[torch.Tensor]] = {"grad_norm": [], "critic_grad_norm": []}
         updates = skipped = 0
-        for _ in range(a.epochs):
+        for epoch in range(a.epochs):
             perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
             for rows in perm.split(a.mini_batch_size):
                 rows = rows.tolist()
@@ -621,19 +649,24 @@ class Trainer:
                     token_share = sb.mask.sum() / tokens
                     share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)
                     hidden, weight, sb = response_hidden(self.policy, sb, self.precision)
+                    old = None if exp.old_logp is None else exp.old_logp[micro, :steps]
                     loss, st = linear_ppo_policy_loss(
-                        hidden, weight, sb.tokens, exp.old_logp[micro, :steps], exp.advantages[micro, :steps],
-                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.entropy_coef > 0)
-                    logp, ent = st["logp"], st.get("entropy")
+                        hidden, weight, sb.tokens, old, exp.advantages[micro, :steps],
+                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True)
+                    logp, ent = st["logp"], st["entropy"]
+                    if epoch == 0:
+                        exp.entropy[micro, :steps] = ent.detach()
                     stats[0] += loss.detach() * share
                     stats[1] += st["clip_frac"] * token_share
                     stats[2] += st["approx_kl"] * token_share
                     loss = loss * share
                     # Token means over the whole mini-batch, whatever the policy loss aggregation.
-                    if a.kl_in == "loss":
+                    if kl_in_loss:
                         kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator)
                         loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / tokens
-                    if ent is not None:
+                        if epoch == 0 and exp.kl is not None:
+                            exp.kl[micro, :steps] = (kl * sb.mask).detach()
+                    if a.entropy_coef > 0:
                         loss = loss - a.entropy_coef * (ent * sb.mask).sum() / tokens
                     finite[0] &= torch.isfinite(loss)
                     loss.backward()
@@ -691,7 +724,6 @@ class Trainer:
             "exceed_rate": rollout.truncated.float().mean().item(),
             "repetition_rate": repetition_mask(rollout.tokens, rollout.lengths, rep_n).any(-1).float().mean().item(),
             "repetition_ratio": repetition_ratio(rollout.tokens, rollout.lengths, rep_n).mean().item(),
-            "kl": (kl.sum() / valid).item(),
             "kl_coef": self.kl_ctl.coef,
             "lr": self.optimizer.param_groups[0]["lr"],
             "entropy": ((exp.entropy * mask).sum() / valid).item(),
@@ -700,5 +732,7 @@ class Trainer:
             **stats,
             **reflection_counts(texts),
         }
+        if kl is not None:  # absent, not 0, without a reference
+            row["kl"] = (kl.sum() / valid).item()
         row.update({f"time/{k}": v for k, v in times.items()})
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

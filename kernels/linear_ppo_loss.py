@@ -32,7 +32,7 @@ def linear_ppo_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
@@ -44,7 +44,9 @@ def linear_ppo_policy_loss(
 ):
     """``ppo_policy_loss`` of the log-probs of ``tokens`` under softmax(hidden @ weight.T / T).
 
-    Shapes: hidden [B, T, H], weight [V, H], tokens/old_logp/advantages/mask [B, T]. Returns
+    Shapes: hidden [B, T, H], weight [V, H], tokens/old_logp/advantages/mask [B, T].
+    ``old_logp=None``: the update is on-policy (one update per rollout), so the old log-probs are
+    these log-probs, detached: the ratio is exactly 1 and no separate forward is needed. Returns
     ``(loss, stats)`` like ``ppo_policy_loss``, with ``stats["logp"]`` (fp32 [B, T], 0 at padding,
     differentiable) and, with ``return_entropy``, ``stats["entropy"]`` (the same, for entropy
     bonuses). Differentiable with respect to hidden and weight.
@@ -59,7 +61,7 @@ def linear_ppo_policy_loss_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
@@ -78,7 +80,8 @@ def linear_ppo_policy_loss_reference(
 def _finish(out, m, mask, old_logp, advantages, clip_low, clip_high, dual_clip, agg, return_entropy, loss_fn):
     logp_valid, ent_valid = out if return_entropy else (out, None)
     logp = _scatter(logp_valid, m)
-    loss, stats = loss_fn(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    old = logp.detach() if old_logp is None else old_logp
+    loss, stats = loss_fn(logp, old, advantages, mask, clip_low, clip_high, dual_clip, agg)
     stats = {**stats, "logp": logp}
     if ent_valid is not None:
         stats["entropy"] = _scatter(ent_valid, m)

@@ -67,7 +67,8 @@ def _learner(overrides: list[str], policy, critic) -> Trainer:
     """A Trainer holding the given models, with SGD(lr=0) optimisers so that the gradients of
     one update stay readable in .grad afterwards."""
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "algorithm.mini_batch_size=7",
-                             "optim.grad_clip=null", "algorithm.kl_coef=0.1", *overrides])
+                             "optim.grad_clip=null", "algorithm.kl_coef=0.1", "algorithm.old_logprobs=recompute",
+                             *overrides])
     tr = Trainer.from_models(cfg, policy, critic)
     tr.optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     tr.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.0)
@@ -84,7 +85,7 @@ def models():
     return policy, critic, len(tok)
 
 
-def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False):
+def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False, perturb=True):
     policy, critic = copy.deepcopy(policy), copy.deepcopy(critic)
     if checkpointing:
         enable_gradient_checkpointing(policy)
@@ -93,8 +94,9 @@ def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False)
     exp = tr.experience(_rollout(vocab))
     gen = torch.Generator().manual_seed(2)
     mask = exp.sb.mask
-    # Off-policy old log-probs so that clipping and the dual clip are active.
-    exp.old_logp = (exp.old_logp + 0.3 * torch.randn(mask.shape, generator=gen)) * mask
+    noise = 0.3 * torch.randn(mask.shape, generator=gen)
+    if perturb:  # off-policy old log-probs, so that clipping and the dual clip are active
+        exp.old_logp = (exp.old_logp + noise) * mask
     exp.advantages = torch.randn(mask.shape, generator=gen) * mask
     exp.returns = torch.randn(mask.shape, generator=gen) * mask
     tr.update(exp)
