@@ -139,7 +139,12 @@ def padding_share(sbs: list[SequenceBatch]) -> float:
 
 
 def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    """hidden[b, positions[b, t]] as [B, T, H]. index_select keeps only the sizes for its
+    backward, where gather would keep the whole [B, W, H] hidden states alive until then."""
+    batch, width, size = hidden.shape
+    rows = torch.arange(batch, device=positions.device)[:, None] * width
+    return hidden.reshape(batch * width, size).index_select(0, (rows + positions).reshape(-1)).view(
+        batch, -1, size)
 
 
 def response_hidden(model: torch.nn.Module, sb: SequenceBatch, precision: Precision | None = None):

@@ -653,6 +653,7 @@ class Trainer:
                     loss, st = linear_ppo_policy_loss(
                         hidden, weight, sb.tokens, old, exp.advantages[micro, :steps],
                         sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True)
+                    del hidden  # the loss keeps the valid rows it needs; the rest can go now
                     logp, ent = st["logp"], st["entropy"]
                     if epoch == 0:
                         exp.entropy[micro, :steps] = ent.detach()
