@@ -43,7 +43,7 @@ def test_paper_example_loads():
         ("reward.channels.0.gamma=2", "reward.channels.0.gamma: expected a number in [0, 1]"),
         ("reward.channels.0.reward=cosin", "reward.channels[0].reward: unknown reward 'cosin'"),
         ("algorithm.lam=0.9", "algorithm.lam: reward channels with different gammas"),
-        ("algorithm.micro_batch_size=128", "algorithm.micro_batch_size: must not exceed"),
+        ("algorithm.max_tokens_per_micro_batch=0", "algorithm.max_tokens_per_micro_batch: expected a number > 0"),
         ("logging.plots=maybe", "logging.plots: expected true or false"),
         ("data.task=file", "data.path: required when task is 'file'"),
         ("model.tiny.heads=3", "model.tiny.heads: must divide hidden"),
@@ -73,3 +73,10 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2():
     proc = subprocess.run([LONGCOT, "train", "optim.lr=-1"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "longcot: error: optim.lr: expected a number > 0, got -1.0"
+
+
+def test_count_mode_micro_batch_must_fit_the_mini_batch():
+    with pytest.raises(ConfigError, match=r"^algorithm\.micro_batch_size: must not exceed"):
+        load_config(None, ["algorithm.max_tokens_per_micro_batch=null", "algorithm.micro_batch_size=128"])
+    # with a token budget micro_batch_size is not used
+    load_config(None, ["algorithm.micro_batch_size=128"])
