@@ -217,14 +217,28 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "reinforce++", "rloo"] = "ppo"
+    name: Literal["ppo", "grpo", "reinforce++", "rloo", "reinforce_baseline"] = "ppo"
+    # grpo's divisor of the group-centred scores: the sample std (n - 1, as veRL, OpenRLHF and the
+    # GRPO paper), the population std (n, longcot's before), or none (Dr. GRPO).
+    grpo_std: Literal["sample", "population", "none"] = "sample"
     lam: float = 1.0  # GAE lambda (PPO); each channel's gamma comes from reward.channels
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # PPO's importance ratio: per token, or per sequence (GSPO: each response's geometric-mean
+    # ratio, clipped per response; GSPO pairs it with loss_agg seq-mean-token-mean).
+    ratio: Literal["token", "sequence"] = "token"
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    # seq-mean-token-sum-norm's constant divisor (Dr. GRPO's); null: rollout.max_new_tokens.
+    loss_agg_norm: float | None = None
     kl_coef: float = 0.01
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # k1+ / k3+: k1's / k3's value with k2's gradient (straight-through, veRL's).
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = "k1"
+    # Each token's KL estimate is clamped to [-kl_clamp, kl_clamp] (gradient 0 beyond), in the
+    # reward and in the loss, as veRL (k3) and OpenRLHF (every estimator) do at 10; null: no clamp.
+    kl_clamp: float | None = 10.0
     kl_in: Literal["reward", "loss"] = "reward"
     kl_target: float | None = None  # adaptive coefficient (Ziegler et al.) when set
     kl_horizon: int = 10000
@@ -271,6 +285,9 @@ class AlgorithmConfig:
             _positive(self, "value_clip")
         if self.kl_target is not None:
             _positive(self, "kl_target")
+        for key in ("kl_clamp", "loss_agg_norm"):
+            if getattr(self, key) is not None:
+                _positive(self, key)
         _positive(self, "kl_horizon", "epochs", "mini_batch_size", "micro_batch_size")
         for key in ("max_tokens_per_micro_batch", "max_tokens_per_experience_batch"):
             if getattr(self, key) is not None:
@@ -375,7 +392,7 @@ class TrainConfig:
                 f"algorithm.lam: reward channels with different gammas ({gammas}) need lam = 1 "
                 f"(the multi-gamma return), got {self.algorithm.lam}"
             )
-        if self.algorithm.name in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+        if self.algorithm.name in ("grpo", "rloo", "reinforce_baseline") and self.rollout.samples_per_prompt < 2:
             raise ConfigError(
                 f"rollout.samples_per_prompt: {self.algorithm.name} needs at least 2 samples per "
                 f"prompt, got {self.rollout.samples_per_prompt}"

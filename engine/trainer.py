@@ -85,7 +85,8 @@ from .rollout import HFGenerator, Rollout, response_texts
 from .sft import run_sft
 
 # algorithm.name -> advantage estimator
-ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce++": "reinforce++", "rloo": "rloo"}
+ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce++": "reinforce++", "rloo": "rloo",
+                "reinforce_baseline": "reinforce_baseline"}
 
 
 @dataclass
@@ -547,13 +548,13 @@ class Trainer:
         kl = None
         if exp.old_logp is not None and exp.ref_logp is not None:
             rewards, kl = token_rewards(scores.sparse, scores.dense, exp.old_logp, exp.ref_logp, mask, kl_coef,
-                                        a.kl_estimator)
+                                        a.kl_estimator, a.kl_clamp)
         else:  # no KL in the reward (the old-policy forward is skipped only then)
             zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
             rewards, _ = token_rewards(scores.sparse, scores.dense, zeros, zeros, mask, 0.0, a.kl_estimator)
         estimator = ESTIMATOR_OF[a.name]
         adv, returns = get_advantage(estimator)(AdvantageInputs(
-            rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values))
+            rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values, a.grpo_std))
         if a.normalize_advantages and estimator in ("gae", "rloo"):
             adv = normalize(adv, mask)
         exp.advantages, exp.returns = adv, returns
@@ -624,6 +625,8 @@ class Trainer:
         mask = exp.sb.mask
         sizes = row_sizes(exp.sb)
         kl_in_loss = a.kl_in == "loss" and exp.ref_logp is not None
+        # A constant, not a micro-batch's width: seq-mean-token-sum-norm must not depend on the cut.
+        agg_norm = a.loss_agg_norm if a.loss_agg_norm is not None else cfg.rollout.max_new_tokens
         exp.entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         if kl_in_loss and exp.old_logp is None:
             exp.kl = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
@@ -652,7 +655,8 @@ class Trainer:
                     old = None if exp.old_logp is None else exp.old_logp[micro, :steps]
                     loss, st = linear_ppo_policy_loss(
                         hidden, weight, sb.tokens, old, exp.advantages[micro, :steps],
-                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True)
+                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True,
+                        ratio=a.ratio, agg_norm=agg_norm)
                     del hidden  # the loss keeps the valid rows it needs; the rest can go now
                     logp, ent = st["logp"], st["entropy"]
                     if epoch == 0:
@@ -663,7 +667,7 @@ class Trainer:
                     loss = loss * share
                     # Token means over the whole mini-batch, whatever the policy loss aggregation.
                     if kl_in_loss:
-                        kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator)
+                        kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator, a.kl_clamp)
                         loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / tokens
                         if epoch == 0 and exp.kl is not None:
                             exp.kl[micro, :steps] = (kl * sb.mask).detach()

@@ -16,7 +16,7 @@ from .kl import ESTIMATORS, kl_penalty, kl_penalty_reference
 from .linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
 from .linear_ppo_loss import linear_ppo_policy_loss, linear_ppo_policy_loss_reference
 from .logprobs import token_logprobs, token_logprobs_reference
-from .ppo_loss import AGGREGATIONS, ppo_policy_loss, ppo_policy_loss_reference
+from .ppo_loss import AGGREGATIONS, RATIOS, ppo_policy_loss, ppo_policy_loss_reference
 from .repetition import (
     repetition_mask,
     repetition_mask_reference,
@@ -30,6 +30,7 @@ __all__ = [
     "AGGREGATIONS",
     "BACKENDS",
     "ESTIMATORS",
+    "RATIOS",
     "discounted_returns",
     "dispatch_counts",
     "discounted_returns_reference",

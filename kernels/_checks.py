@@ -85,3 +85,14 @@ def choice(name: str, value: object, options: Sequence[str]) -> str:
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """fp64 stays fp64; every other dtype computes in fp32 (DESIGN.md's kernel contract)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def optional_positive(name: str, value: object) -> float | None:
+    """None, or a finite number > 0 (a bound or a divisor that may be switched off)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{name}: expected None or a finite number > 0, got {value!r}")
+    return float(value)

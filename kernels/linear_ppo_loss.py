@@ -41,6 +41,8 @@ def linear_ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     return_entropy: bool = False,
+    ratio: str = "token",
+    agg_norm: float | None = None,
 ):
     """``ppo_policy_loss`` of the log-probs of ``tokens`` under softmax(hidden @ weight.T / T).
 
@@ -49,12 +51,13 @@ def linear_ppo_policy_loss(
     these log-probs, detached: the ratio is exactly 1 and no separate forward is needed. Returns
     ``(loss, stats)`` like ``ppo_policy_loss``, with ``stats["logp"]`` (fp32 [B, T], 0 at padding,
     differentiable) and, with ``return_entropy``, ``stats["entropy"]`` (the same, for entropy
-    bonuses). Differentiable with respect to hidden and weight.
+    bonuses). ``ratio`` and ``agg_norm`` as in ``ppo_policy_loss``. Differentiable with respect
+    to hidden and weight.
     """
     hidden, weight, tokens, m = _check(hidden, weight, tokens, mask)
     out = linear_token_logprobs(hidden[m], weight, tokens[m], temperature, return_entropy)
     return _finish(out, m, mask, old_logp, advantages, clip_low, clip_high, dual_clip, agg,
-                   return_entropy, ppo_policy_loss)
+                   return_entropy, ppo_policy_loss, ratio, agg_norm)
 
 
 def linear_ppo_policy_loss_reference(
@@ -70,18 +73,21 @@ def linear_ppo_policy_loss_reference(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     return_entropy: bool = False,
+    ratio: str = "token",
+    agg_norm: float | None = None,
 ):
     hidden, weight, tokens, m = _check(hidden, weight, tokens, mask)
     out = linear_token_logprobs_reference(hidden[m], weight, tokens[m], temperature, return_entropy)
     return _finish(out, m, mask, old_logp, advantages, clip_low, clip_high, dual_clip, agg,
-                   return_entropy, ppo_policy_loss_reference)
+                   return_entropy, ppo_policy_loss_reference, ratio, agg_norm)
 
 
-def _finish(out, m, mask, old_logp, advantages, clip_low, clip_high, dual_clip, agg, return_entropy, loss_fn):
+def _finish(out, m, mask, old_logp, advantages, clip_low, clip_high, dual_clip, agg, return_entropy, loss_fn,
+            ratio, agg_norm):
     logp_valid, ent_valid = out if return_entropy else (out, None)
     logp = _scatter(logp_valid, m)
     old = logp.detach() if old_logp is None else old_logp
-    loss, stats = loss_fn(logp, old, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    loss, stats = loss_fn(logp, old, advantages, mask, clip_low, clip_high, dual_clip, agg, ratio, agg_norm)
     stats = {**stats, "logp": logp}
     if ent_valid is not None:
         stats["entropy"] = _scatter(ent_valid, m)

@@ -211,8 +211,11 @@ def repetition_mask(
     """Bool [B, T]: True at every position covered by a repeated n-gram.
 
     With ``only_start=True`` a repeated start's span is marked only when it starts past the end of
-    the previous repeated start (``s > s_prev + n``), so a run of repetition is penalised once per
-    n tokens instead of at every token. Positions at or past a sequence's length are never marked.
+    the previous repeated start (``s > s_prev + n``): a contiguous run of repeated n-grams (each
+    repeated start within n of the one before) is penalised once, on the n tokens of its first
+    repeated n-gram, however long the run is; a new run (and a new mark) starts only at a repeated
+    start more than n positions after the previous repeated start. Positions at or past a
+    sequence's length are never marked.
     """
     tokens, lengths, n = _check(tokens, lengths, n)
     impl = select(tokens.device, cpu=True, triton=True, op="repetition_mask")

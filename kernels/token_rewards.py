@@ -3,7 +3,8 @@
 rewards[b, t, c] = sparse[b, c] at t = last valid token of b (0 elsewhere)
                  + dense[b, t, c]
                  - kl_coef * KL[b, t] / C            (the KL term split equally over channels)
-all multiplied by the mask. KL is `kl_penalty(logp, ref_logp, estimator)`, masked. Splitting
+all multiplied by the mask. KL is `kl_penalty(logp, ref_logp, estimator, kl_clamp)`, masked (the
+straight-through ``k1+`` / ``k3+`` give k1's / k3's values: rewards carry no gradient). Splitting
 the KL equally keeps the summed return the usual r - beta * KL whatever C is, while each share
 is discounted with its channel's gamma (the paper's convention).
 """
@@ -14,11 +15,11 @@ import torch
 
 from . import _checks
 from ._backend import select
-from .kl import ESTIMATORS, kl_penalty_reference
+from .kl import ESTIMATORS, base_estimator, kl_penalty_reference
 from .logprobs import check_triton_device, jit, tl, triton, triton_interpreted
 
 
-def _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator):
+def _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator, kl_clamp):
     sparse = _checks.tensor("sparse", sparse)
     _checks.rank("sparse", sparse, 2, "[B, C]")
     _checks.floating("sparse", sparse)
@@ -39,7 +40,8 @@ def _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator):
     _checks.floating("ref_logp", ref_logp)
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef >= 0:
         raise ValueError(f"kl_coef: expected a number >= 0, got {kl_coef!r}")
-    return sparse, dense, logp, ref_logp, mask, float(kl_coef), _checks.choice("estimator", estimator, ESTIMATORS)
+    estimator = _checks.choice("estimator", estimator, ESTIMATORS)
+    return sparse, dense, logp, ref_logp, mask, float(kl_coef), estimator, _checks.optional_positive("kl_clamp", kl_clamp)
 
 
 def token_rewards_reference(
@@ -50,11 +52,12 @@ def token_rewards_reference(
     mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m = mask.float()
     batch, steps = logp.shape
     channels = sparse.shape[1]
-    kl = kl_penalty_reference(logp, ref_logp, estimator) * m
+    kl = kl_penalty_reference(logp, ref_logp, estimator, kl_clamp) * m
     rewards = torch.zeros(batch, steps, channels, dtype=torch.float32, device=logp.device)
     lengths = (mask != 0).sum(-1)
     rows = torch.nonzero(lengths > 0).squeeze(-1)
@@ -76,9 +79,10 @@ def token_rewards_reference(
 
 def _token_rewards_kernel(
     sparse_ptr, dense_ptr, logp_ptr, ref_ptr, m_ptr, rewards_ptr, kl_ptr,
-    T, C, share,
+    T, C, share, clamp,
     stride_sb, stride_db, stride_dt, stride_lb, stride_rb, stride_mb,
-    EST: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    EST: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
@@ -97,6 +101,8 @@ def _token_rewards_kernel(
             d = 0.5 * (d * d)
         elif EST == 2:
             d = tl.exp(-d) + d - 1.0
+        if HAS_CLAMP:
+            d = tl.minimum(tl.maximum(d, -clamp), clamp)
         kl = d * m
         tl.store(kl_ptr + row * T + cols, kl, mask=valid)
         both = valid[:, None] & cmask[None, :]
@@ -130,6 +136,7 @@ def token_rewards_triton(
     mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path (CUDA, or the interpreter on CPU tensors). Inputs are not re-checked."""
     check_triton_device(logp)
@@ -146,10 +153,11 @@ def token_rewards_triton(
     interpreted = triton_interpreted()
     jit(_token_rewards_kernel)[(batch,)](
         sp, a if dn is None else dn, a, b, m, rewards, kl,
-        steps, channels, kl_coef / channels if channels else 0.0,
+        steps, channels, kl_coef / channels if channels else 0.0, 0.0 if kl_clamp is None else kl_clamp,
         sp.stride(0), 0 if dn is None else dn.stride(0), 0 if dn is None else dn.stride(1),
         a.stride(0), rewards.stride(0), m.stride(0),
-        EST=ESTIMATORS.index(estimator), HAS_DENSE=dn is not None,
+        EST=("k1", "k2", "k3").index(base_estimator(estimator)), HAS_CLAMP=kl_clamp is not None,
+        HAS_DENSE=dn is not None,
         BLOCK_T=16 if interpreted else 256, BLOCK_C=triton.next_power_of_2(max(channels, 1)),
     )
     return rewards, kl
@@ -163,10 +171,12 @@ def token_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [B, T, C], kl [B, T]), fp32. Rows must be right-padded: the sparse reward lands at
-    position (number of valid tokens - 1)."""
-    args = _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator)
+    position (number of valid tokens - 1). ``kl_clamp``: None, or the bound c of each token's KL
+    estimate to [-c, c] (see ``kl_penalty``)."""
+    args = _check(sparse, dense, logp, ref_logp, mask, kl_coef, estimator, kl_clamp)
     if select(logp.device, cpu=False, triton=True, op="token_rewards") == "triton":
         return token_rewards_triton(*args)
     return token_rewards_reference(*args)

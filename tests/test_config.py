@@ -52,6 +52,14 @@ def test_paper_example_loads():
         ("data.addition.digits=7", "data.addition.digits: expected an integer in [1, 6]"),
         ("data.addition.digits=1", "data.addition.n_train: 4000 train + 256 held-out + 128 validation"),
         ("novalue", "novalue: expected an override of the form key.sub=value"),
+        ("algorithm.grpo_std=unbiased", "algorithm.grpo_std: expected one of 'sample', 'population', 'none'"),
+        ("algorithm.loss_agg=seq-mean-token-norm", "algorithm.loss_agg: expected one of"),
+        ("algorithm.loss_agg_norm=0", "algorithm.loss_agg_norm: expected a number > 0"),
+        ("algorithm.ratio=seq", "algorithm.ratio: expected one of 'token', 'sequence'"),
+        ("algorithm.kl_estimator=k2+", "algorithm.kl_estimator: expected one of"),
+        ("algorithm.kl_clamp=-10", "algorithm.kl_clamp: expected a number > 0"),
+        ("algorithm.kl_clamp=ten", "algorithm.kl_clamp: expected a finite number, got 'ten'"),
+        ("algorithm.name=reinforce-baseline", "algorithm.name: expected one of"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -80,3 +88,16 @@ def test_count_mode_micro_batch_must_fit_the_mini_batch():
         load_config(None, ["algorithm.max_tokens_per_micro_batch=null", "algorithm.micro_batch_size=128"])
     # with a token budget micro_batch_size is not used
     load_config(None, ["algorithm.micro_batch_size=128"])
+
+
+def test_algorithm_parity_keys():
+    a = load_config(None, []).algorithm
+    assert (a.grpo_std, a.kl_clamp, a.ratio, a.loss_agg_norm) == ("sample", 10.0, "token", None)
+    a = load_config(None, ["algorithm.name=reinforce_baseline", "algorithm.kl_clamp=null", "algorithm.kl_estimator=k3+",
+                           "algorithm.loss_agg=seq-mean-token-sum-norm", "algorithm.loss_agg_norm=4096",
+                           "algorithm.ratio=sequence", "algorithm.grpo_std=none"]).algorithm
+    assert (a.name, a.kl_clamp, a.kl_estimator, a.loss_agg, a.loss_agg_norm, a.ratio, a.grpo_std) == (
+        "reinforce_baseline", None, "k3+", "seq-mean-token-sum-norm", 4096.0, "sequence", "none")
+    with pytest.raises(ConfigError, match=r"^rollout\.samples_per_prompt: reinforce_baseline needs at least 2"):
+        load_config(None, ["algorithm.name=reinforce_baseline", "rollout.samples_per_prompt=1",
+                           "algorithm.mini_batch_size=16"])

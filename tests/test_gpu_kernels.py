@@ -50,33 +50,40 @@ def test_discounted_returns_real_size():
     )
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_and_token_rewards_real_size(estimator):
+@pytest.mark.parametrize("estimator", K.ESTIMATORS)
+@pytest.mark.parametrize("clamp", [None, 1.0])
+def test_kl_and_token_rewards_real_size(estimator, clamp):
     batch, steps, channels = 256, 8191, 2
     logp, ref = -3 * torch.rand(batch, steps, device="cuda"), -3 * torch.rand(batch, steps, device="cuda")
     mask = _right_padded(batch, steps)
     sparse = torch.randn(batch, channels, device="cuda")
     dense = torch.randn(batch, steps, channels, device="cuda")
-    torch.testing.assert_close(
-        K.kl_penalty(logp, ref, estimator), K.kl_penalty_reference(logp, ref, estimator), **TOL
-    )
-    got = K.token_rewards(sparse, dense, logp, ref, mask, 0.05, estimator)
-    expected = K.token_rewards_reference(sparse, dense, logp, ref, mask, 0.05, estimator)
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    got, expected = K.kl_penalty(x, ref, estimator, clamp), K.kl_penalty_reference(y, ref, estimator, clamp)
+    assert "Triton" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, expected, **TOL)
+    weights = torch.rand(batch, steps, device="cuda")
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, **TOL)
+    got = K.token_rewards(sparse, dense, logp, ref, mask, 0.05, estimator, clamp)
+    expected = K.token_rewards_reference(sparse, dense, logp, ref, mask, 0.05, estimator, clamp)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **TOL)
 
 
 @pytest.mark.parametrize("agg", K.AGGREGATIONS)
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
-def test_ppo_policy_loss_real_size(agg, dual_clip):
+@pytest.mark.parametrize("ratio", K.RATIOS)
+def test_ppo_policy_loss_real_size(agg, dual_clip, ratio):
     batch, steps = 128, 16_384
     logp = -3 * torch.rand(batch, steps, device="cuda")
     old = logp + 0.3 * torch.randn(batch, steps, device="cuda")
     adv = torch.randn(batch, steps, device="cuda")
     mask = _right_padded(batch, steps)
     x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    loss, stats = K.ppo_policy_loss(x, old, adv, mask, 0.2, 0.28, dual_clip, agg)
-    ref_loss, ref_stats = K.ppo_policy_loss_reference(y, old, adv, mask, 0.2, 0.28, dual_clip, agg)
+    loss, stats = K.ppo_policy_loss(x, old, adv, mask, 0.2, 0.28, dual_clip, agg, ratio, 16_384.0)
+    ref_loss, ref_stats = K.ppo_policy_loss_reference(y, old, adv, mask, 0.2, 0.28, dual_clip, agg, ratio, 16_384.0)
     assert "Triton" in type(loss.grad_fn).__name__
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
     for name in ref_stats:

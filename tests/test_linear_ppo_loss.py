@@ -26,13 +26,14 @@ def _run(fn, h, w, *rest, **kwargs):
     return loss, stats, h.grad, w.grad
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("agg", K.AGGREGATIONS)
 @pytest.mark.parametrize("entropy", [False, True])
-def test_matches_reference_and_the_two_step_composition(monkeypatch, agg, entropy):
+@pytest.mark.parametrize("ratio", K.RATIOS)
+def test_matches_reference_and_the_two_step_composition(monkeypatch, agg, entropy, ratio):
     # A one-row-per-tile budget forces the chunked (never [N, V]) CPU path.
     monkeypatch.setattr(LL, "CHUNK_BYTES", 4 * 37)
     h, w, tokens, old, adv, mask = _inputs()
-    kw = dict(temperature=0.7, dual_clip=3.0, agg=agg, return_entropy=entropy)
+    kw = dict(temperature=0.7, dual_clip=3.0, agg=agg, return_entropy=entropy, ratio=ratio, agg_norm=4.0)
     got = _run(K.linear_ppo_policy_loss, h, w, tokens, old, adv, mask, **kw)
     ref = _run(K.linear_ppo_policy_loss_reference, h, w, tokens, old, adv, mask, **kw)
     for a, b in zip(got[2:], ref[2:]):
@@ -44,16 +45,17 @@ def test_matches_reference_and_the_two_step_composition(monkeypatch, agg, entrop
     # The same as computing log-probs from explicit logits, then the PPO loss.
     logits = h @ w.T
     logp = K.token_logprobs_reference(logits, tokens, 0.7) * mask
-    loss, _ = K.ppo_policy_loss_reference(logp, old, adv, mask, 0.2, 0.2, 3.0, agg)
+    loss, _ = K.ppo_policy_loss_reference(logp, old, adv, mask, 0.2, 0.2, 3.0, agg, ratio, 4.0)
     torch.testing.assert_close(got[0], loss, rtol=1e-5, atol=1e-6)
     assert torch.all(got[1]["logp"][~mask] == 0)
 
 
-def test_triton_interpreter_matches_reference(triton_interpreter):
+@pytest.mark.parametrize("kw", [{}, {"agg": "seq-mean-token-sum-norm", "agg_norm": 6.0, "ratio": "sequence"}])
+def test_triton_interpreter_matches_reference(triton_interpreter, kw):
     h, w, tokens, old, adv, mask = _inputs(steps=4, hidden=16, vocab=40)
     with kernels_backend("triton"):
-        got = _run(K.linear_ppo_policy_loss, h, w, tokens, old, adv, mask, temperature=0.7)
-    ref = _run(K.linear_ppo_policy_loss_reference, h, w, tokens, old, adv, mask, temperature=0.7)
+        got = _run(K.linear_ppo_policy_loss, h, w, tokens, old, adv, mask, temperature=0.7, **kw)
+    ref = _run(K.linear_ppo_policy_loss_reference, h, w, tokens, old, adv, mask, temperature=0.7, **kw)
     for a, b in zip(got[:1] + got[2:], ref[:1] + ref[2:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -108,10 +108,16 @@ def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False,
 UPDATE_TERMS = ["algorithm.kl_in=loss", "algorithm.entropy_coef=0.01", "algorithm.dual_clip=3.0"]
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_token_budget_path_equals_padded_path(models, agg):
+# seq-mean-token-sum-norm divides by a constant (rollout.max_new_tokens), not by a micro-batch's
+# trimmed width; GSPO's sequence ratio is a per-row quantity; k3+ is a straight-through KL term.
+@pytest.mark.parametrize("agg, extra", [
+    ("token-mean", []), ("seq-mean-token-mean", []), ("seq-mean-token-sum", []),
+    ("seq-mean-token-sum-norm", []),
+    ("seq-mean-token-mean", ["algorithm.ratio=sequence", "algorithm.kl_estimator=k3+"]),
+])
+def test_token_budget_path_equals_padded_path(models, agg, extra):
     policy, critic, vocab = models
-    common = [f"algorithm.loss_agg={agg}", *UPDATE_TERMS]
+    common = [f"algorithm.loss_agg={agg}", *UPDATE_TERMS, *extra]
     padded, g_padded = _experience_and_grads(
         [*common, "algorithm.max_tokens_per_micro_batch=null", "algorithm.micro_batch_size=2"], policy, critic, vocab)
     budget, g_budget = _experience_and_grads([*common, f"algorithm.max_tokens_per_micro_batch={BUDGET}"],

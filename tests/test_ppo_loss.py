@@ -42,6 +42,51 @@ def test_aggregations():
     assert got["token-mean"] == pytest.approx(10 / 4)
     assert got["seq-mean-token-mean"] == pytest.approx((2 + 4) / 2)  # the empty row is skipped
     assert got["seq-mean-token-sum"] == pytest.approx((6 + 4) / 2)
+    # divided by a constant: T = 3 by default, or the given one
+    assert got["seq-mean-token-sum-norm"] == pytest.approx((6 + 4) / 2 / 3)
+    normed, _ = K.ppo_policy_loss(zeros, zeros, -per_token, mask, agg="seq-mean-token-sum-norm", agg_norm=16)
+    assert normed.item() == pytest.approx((6 + 4) / 2 / 16)
+
+
+def test_sequence_ratio_hand_case():
+    # Row 0: log-ratios 0.3, 0.1, -0.1 -> s = e^0.1 = 1.105, inside [0.8, 1.2] for every token.
+    # Row 1: 0.9, 0.3 (a padded 5.0 must not count) -> s = e^0.6 = 1.822: clipped where A > 0
+    # (loss -1.2, no gradient), unclipped where A < 0 (loss 1.822, gradient -A * s).
+    lr = torch.tensor([[0.3, 0.1, -0.1], [0.9, 0.3, 5.0]])
+    adv = torch.tensor([[1.0, -1.0, 2.0], [1.0, -1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    logp = lr.clone().requires_grad_()
+    loss, stats = K.ppo_policy_loss(logp, torch.zeros_like(lr), adv, mask, ratio="sequence")
+    s0, s1 = math.exp(0.1), math.exp(0.6)
+    per_token = [-s0, s0, -2 * s0, -1.2, s1]
+    assert loss.item() == pytest.approx(sum(per_token) / 5, rel=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(1 / 5)
+    assert stats["approx_kl"].item() == pytest.approx(-(0.3 + 0.1 - 0.1 + 0.9 + 0.3) / 5, rel=1e-6)
+    loss.backward()
+    expected = torch.tensor([[-s0, s0, -2 * s0], [0.0, s1, 0.0]]) / 5
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_sequence_ratio_is_gspo_with_one_advantage_per_response():
+    # GSPO's objective: per response, max(-A s, -A clip(s)) with s = exp(mean log-ratio), averaged
+    # over responses; its gradient flows through every token of s. The per-token form with
+    # seq-mean-token-mean must give the same value and gradient.
+    gen = torch.Generator().manual_seed(3)
+    logp = -3 * torch.rand(4, 9, generator=gen)
+    old = logp + 0.3 * torch.randn(4, 9, generator=gen)
+    adv = torch.randn(4, 1, generator=gen).expand(4, 9)
+    mask = torch.arange(9)[None] < torch.tensor([9, 5, 1, 7])[:, None]
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, _ = K.ppo_policy_loss(x, old, adv, mask, 0.2, 0.28, agg="seq-mean-token-mean", ratio="sequence")
+    m = mask.float()
+    s = torch.exp(((y - old) * m).sum(-1) / m.sum(-1))
+    a = adv[:, 0]
+    gspo = torch.maximum(-a * s, -a * s.clamp(0.8, 1.28)).mean()
+    torch.testing.assert_close(loss, gspo)
+    loss.backward()
+    gspo.backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    assert (x.grad[~mask] == 0).all()
 
 
 def test_fully_masked_batch_is_zero_not_nan():
@@ -70,6 +115,8 @@ def test_gradient_wrt_logp():
         ({"clip_low": 1.0}, r"clip_low: expected a number in \[0, 1\)"),
         ({"clip_high": -0.1}, "clip_high: expected a number >= 0"),
         ({"dual_clip": 1.0}, "dual_clip: expected None or a number > 1"),
+        ({"ratio": "seq"}, "ratio: expected one of 'token', 'sequence'"),
+        ({"agg_norm": 0}, "agg_norm: expected None or a finite number > 0"),
     ],
 )
 def test_bad_options(kwargs, match):
@@ -84,6 +131,8 @@ def test_bad_shapes():
         K.ppo_policy_loss(x, x, torch.zeros(3), x)
     with pytest.raises(ValueError, match="logp: expected 2 dimensions"):
         K.ppo_policy_loss(torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6), agg="seq-mean-token-sum")
+    with pytest.raises(ValueError, match=r"logp: expected 2 dimensions \[B, T\] for ratio='sequence'"):
+        K.ppo_policy_loss(torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6), ratio="sequence")
 
 
 def _ppo_inputs(shape, dtype=torch.float32, seed=5):
@@ -114,23 +163,27 @@ def _compare_ppo(logp, old, adv, mask, **kwargs):
 
 @pytest.mark.parametrize("agg", K.AGGREGATIONS)
 @pytest.mark.parametrize("dual_clip", [None, 2.0])
-def test_triton_interpreter_matches_reference(triton_interpreter, agg, dual_clip):
-    # T = 37: three 16-wide blocks; row 1 fully masked, row 2 of length 1.
+@pytest.mark.parametrize("ratio", K.RATIOS)
+def test_triton_interpreter_matches_reference(triton_interpreter, agg, dual_clip, ratio):
+    # T = 37: three 16-wide blocks; row 1 fully masked, row 2 of length 1. agg_norm is used by
+    # seq-mean-token-sum-norm only.
     logp, old, adv, mask = _ppo_inputs((4, 37))
     mask[1] = False
     mask[2] = False
     mask[2, 0] = True
-    _compare_ppo(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
+    _compare_ppo(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg, ratio=ratio,
+                 agg_norm=50.0)
 
 
 def test_triton_interpreter_bf16_and_float_mask(triton_interpreter):
     logp, old, adv, mask = _ppo_inputs((3, 20), torch.bfloat16)
     _compare_ppo(logp, old, adv, mask.float(), dual_clip=3.0, agg="seq-mean-token-mean")
+    _compare_ppo(logp, old, adv, mask.float(), dual_clip=3.0, agg="seq-mean-token-sum-norm", ratio="sequence")
 
 
 @pytest.mark.parametrize(
     "shape, agg", [((1, 1), "seq-mean-token-sum"), ((3, 1), "token-mean"), ((13,), "token-mean"),
-                   ((2, 3, 5), "token-mean")],
+                   ((2, 3, 5), "token-mean"), ((2, 5), "seq-mean-token-sum-norm")],
 )
 def test_triton_interpreter_shapes(triton_interpreter, shape, agg):
     _compare_ppo(*_ppo_inputs(shape), agg=agg)

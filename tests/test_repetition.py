@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 import longcot.kernels as K
 from conftest import kernels_backend
+from longcot.engine.rewards import repetition_penalty
 from longcot.kernels import _cpu
 
 
@@ -50,6 +51,29 @@ def test_reference_only_start_marks_after_gap():
     tokens = T([1, 2, 1, 2, 7, 8, 9, 1, 2])
     mask = K.repetition_mask_reference(tokens, torch.tensor([9]), 2, only_start=True)
     assert mask.nonzero()[:, 1].tolist() == [2, 3, 7, 8]
+
+
+def _two_loops():
+    # 4 fresh tokens, a 3-token cycle for 30 tokens (positions 4..33), 8 fresh tokens, the same
+    # cycle again for 12 tokens (42..53). n = 3: the first loop's repeated starts are 7..31, one
+    # contiguous run; the second loop's are 42..51, a new run (42 > 31 + 3).
+    loop = [1, 2, 3] * 10
+    row = [10, 11, 12, 13] + loop + list(range(20, 28)) + loop[:12]
+    return T(row), torch.tensor([len(row)])
+
+
+def _once_per_run(mask):
+    # a 30-token run penalised once per n tokens would mark all 27 of its covered positions
+    return mask.nonzero()[:, 1].tolist() == [7, 8, 9, 42, 43, 44]
+
+
+def test_only_start_penalises_a_run_once_not_once_per_n_tokens():
+    tokens, lengths = _two_loops()
+    assert _once_per_run(K.repetition_mask_reference(tokens, lengths, 3, only_start=True))
+    assert _once_per_run(mask_cpu(tokens, lengths, 3, only_start=True))
+    assert K.repetition_mask_reference(tokens, lengths, 3).sum().item() == 27 + 12
+    penalty = repetition_penalty(tokens, lengths, n=3, penalty=-0.5, only_start=True)
+    assert penalty.sum().item() == pytest.approx(-0.5 * 6)
 
 
 def test_reference_edges():
@@ -178,6 +202,10 @@ def _triton_cases(gen):
         periodic(2, 30, 1, 2, gen),
         torch.randint(0, 10**6, (2, 24), generator=gen),
     ]
+
+
+def test_triton_only_start_penalises_a_run_once(triton_interpreter):
+    assert _once_per_run(K.repetition_mask(*_two_loops(), 3, only_start=True))
 
 
 @pytest.mark.parametrize("only_start", [False, True])

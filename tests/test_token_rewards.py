@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -46,6 +48,7 @@ def test_summed_return_is_reward_minus_beta_kl():
         ({"mask": torch.ones(2, 4)}, r"mask: expected shape \(2, 3\)"),
         ({"kl_coef": -1.0}, "kl_coef: expected a number >= 0"),
         ({"estimator": "k9"}, "estimator: expected one of"),
+        ({"kl_clamp": 0.0}, "kl_clamp: expected None or a finite number > 0"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -58,7 +61,22 @@ def test_bad_input(kwargs, match):
         K.token_rewards(**args)
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_clamp_bounds_the_reward_share():
+    # logp - ref = -5: k3 = 142.4 would put -0.1 * 142.4 = -14.2 into the reward; clamped at 10 the
+    # KL share is -1.0. The straight-through k3+ gives k3's values.
+    sparse = torch.tensor([[1.0]])
+    logp, ref = torch.tensor([[-6.0, -1.0]]), torch.tensor([[-1.0, -1.5]])
+    mask = torch.ones(1, 2)
+    k3 = math.exp(-0.5) + 0.5 - 1
+    for est in ("k3", "k3+"):
+        rewards, kl = K.token_rewards(sparse, None, logp, ref, mask, 0.1, est, kl_clamp=10.0)
+        torch.testing.assert_close(kl, torch.tensor([[10.0, k3]]))
+        torch.testing.assert_close(rewards, torch.tensor([[[-1.0], [1.0 - 0.1 * k3]]]))
+    _, unclamped = K.token_rewards(sparse, None, logp, ref, mask, 0.1, "k3")
+    assert unclamped[0, 0].item() == pytest.approx(math.exp(5) - 6, rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k1+", "k3+"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_dense", [False, True])
 def test_triton_interpreter_matches_reference(triton_interpreter, estimator, dtype, with_dense):
@@ -70,12 +88,16 @@ def test_triton_interpreter_matches_reference(triton_interpreter, estimator, dty
     mask = torch.arange(steps)[None] < lengths[:, None]
     sparse = torch.randn(batch, channels).to(dtype)
     dense = torch.randn(batch, steps, channels).to(dtype) if with_dense else None
-    rewards, kl = K.token_rewards(sparse, dense, logp, ref, mask, 0.3, estimator)
-    expected_rewards, expected_kl = K.token_rewards_reference(sparse, dense, logp, ref, mask, 0.3, estimator)
-    assert rewards.dtype == kl.dtype == torch.float32
-    torch.testing.assert_close(kl, expected_kl, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(rewards, expected_rewards, rtol=1e-6, atol=1e-6)
-    assert (rewards[1] == 0).all() and (kl[1] == 0).all()
+    for clamp in (None, 0.75):  # 0.75 cuts some tokens of every estimator
+        rewards, kl = K.token_rewards(sparse, dense, logp, ref, mask, 0.3, estimator, clamp)
+        expected_rewards, expected_kl = K.token_rewards_reference(sparse, dense, logp, ref, mask, 0.3, estimator,
+                                                                  clamp)
+        assert rewards.dtype == kl.dtype == torch.float32
+        torch.testing.assert_close(kl, expected_kl, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rewards, expected_rewards, rtol=1e-6, atol=1e-6)
+        assert (rewards[1] == 0).all() and (kl[1] == 0).all()
+        if clamp is not None:
+            assert 0 < (kl.abs() == clamp).sum() and kl.abs().max() <= clamp
 
 
 @pytest.mark.parametrize("batch, steps, channels", [(1, 1, 1), (2, 1, 2), (2, 5, 0), (0, 4, 2)])

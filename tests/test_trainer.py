@@ -69,13 +69,19 @@ def test_same_seed_same_metrics(tmp_path):
     assert strip[: len(a)] == strip[len(a):]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "reinforce++", "rloo"])
-def test_critic_free_runs(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, extra", [
+    ("grpo", []), ("reinforce++", []), ("rloo", []), ("reinforce_baseline", []),
+    # Dr. GRPO with GSPO's sequence ratio and a straight-through KL term
+    ("grpo", ["algorithm.grpo_std=none", "algorithm.loss_agg=seq-mean-token-sum-norm", "algorithm.ratio=sequence",
+              "algorithm.kl_estimator=k3+", "algorithm.kl_clamp=5"]),
+])
+def test_critic_free_runs(tmp_path, algorithm, extra):
     summary = Trainer(tiny_config(tmp_path, f"algorithm.name={algorithm}", "sft.enabled=false",
-                                  "algorithm.kl_in=loss", "algorithm.kl_estimator=k3")).fit()
+                                  "algorithm.kl_in=loss", "algorithm.kl_estimator=k3", *extra)).fit()
     rows = rl_rows(summary["run_dir"])
     assert len(rows) == 2 and "value_loss" not in rows[-1]
     assert all(math.isfinite(r["reward/mean"]) for r in rows)
+    assert all(r["skipped_updates"] == 0 and math.isfinite(r["pg_loss"]) for r in rows)
 
 
 def test_policy_moves_and_reference_stays(tmp_path):

@@ -2,6 +2,7 @@
 
 from .advantages import (
     ESTIMATORS,
+    GRPO_STD,
     NEEDS_CRITIC,
     AdvantageInputs,
     get_advantage,
@@ -12,6 +13,7 @@ from .losses import KLController, value_loss
 
 __all__ = [
     "ESTIMATORS",
+    "GRPO_STD",
     "NEEDS_CRITIC",
     "AdvantageInputs",
     "KLController",

@@ -3,6 +3,12 @@
 Every estimator takes the per-token, per-channel rewards of a batch (sparse rewards already at
 the last token, dense ones in place, the KL share subtracted when KL is in the reward) and
 returns (advantages [B, T], returns [B, T] or None); only "gae" uses a critic.
+
+The group estimators (grpo, rloo, reinforce_baseline) compare a response's score G_0 (its summed
+return at the first token) with the other responses to the same prompt. A response alone in its
+group (a group of one) has nothing to be compared with: grpo and reinforce_baseline give it
+advantage 0 (veRL's GRPO instead passes its raw score through, as mean 0 and std 1); rloo's
+leave-one-out baseline is then 0, so rloo passes its returns through, as veRL's does.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import torch
 from longcot.kernels import discounted_returns, gae
 
 EPS = 1e-6
+# grpo's divisor of the group-centred scores: the sample std (n - 1), as veRL, OpenRLHF and the
+# GRPO paper; the population std (n), longcot's before; none: Dr. GRPO (veRL's
+# norm_adv_by_std_in_grpo=False, OpenRLHF's dr_grpo).
+GRPO_STD = ("sample", "population", "none")
 
 
 @dataclass
@@ -25,6 +35,7 @@ class AdvantageInputs:
     lam: float
     group: torch.Tensor  # LongTensor [B]: the prompt each response answers
     values: torch.Tensor | None = None  # [B, T] critic values (gae only)
+    grpo_std: str = "sample"  # one of GRPO_STD (grpo only)
 
 
 Estimator = Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
@@ -66,26 +77,35 @@ def gae_multi_gamma(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return (returns - values) * x.mask, returns
 
 
-def _group_stats(score: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-response mean, std and size of its group's scores."""
+def _group_stats(
+    score: torch.Tensor, group: torch.Tensor, ddof: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-response mean, std and size of its group's scores; the squared deviations are divided
+    by size - ddof (1: the sample std; 0: the population std). A group of one has std 0."""
     groups = int(group.max()) + 1
     zeros = score.new_zeros(groups)
     count = zeros.index_add(0, group, torch.ones_like(score))
     total = zeros.index_add(0, group, score)
     mean = total / count
-    var = zeros.index_add(0, group, (score - mean[group]) ** 2) / count
+    var = zeros.index_add(0, group, (score - mean[group]) ** 2) / (count - ddof).clamp_min(1)
     return mean[group], var.sqrt()[group], count[group]
 
 
 @register_advantage("grpo")
 def grpo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
-    """Group-normalised returns: (G_t - mean_group(G_0)) / std_group(G_0). With one sparse
-    channel and gamma 1 this is GRPO's outcome advantage; a dense channel keeps its per-token
-    shape on top."""
+    """Group-normalised returns: (G_t - mean_group(G_0)) / std_group(G_0), the std per
+    ``x.grpo_std`` (sample by default; ``none`` leaves the division out). With one sparse channel
+    and gamma 1 this is GRPO's outcome advantage; a dense channel keeps its per-token shape on
+    top. A group of one gets 0."""
+    if x.grpo_std not in GRPO_STD:
+        raise ValueError(f"algorithm.grpo_std: expected one of {', '.join(map(repr, GRPO_STD))}, got {x.grpo_std!r}")
     returns = discounted_returns(x.rewards, x.mask, x.gammas)
     score = returns[:, 0]
-    mean, std, _ = _group_stats(score, x.group)
-    return (returns - mean[:, None]) / (std[:, None] + EPS) * x.mask, None
+    mean, std, count = _group_stats(score, x.group, ddof=0 if x.grpo_std == "population" else 1)
+    adv = returns - mean[:, None]
+    if x.grpo_std != "none":
+        adv = adv / (std[:, None] + EPS)
+    return adv * (count > 1)[:, None] * x.mask, None
 
 
 @register_advantage("rloo")
@@ -106,6 +126,19 @@ def reinforce_pp(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
     if valid.numel() < 2:
         return returns * x.mask, None
     return (returns - valid.mean()) / (valid.std() + EPS) * x.mask, None
+
+
+@register_advantage("reinforce_baseline")
+def reinforce_baseline(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """REINFORCE with a group baseline (OpenRLHF's reinforce_baseline, veRL's
+    reinforce_plus_plus_baseline): G_t minus the group's mean G_0, then whitened over the batch's
+    valid tokens (the batch's mean and std, not the group's std). A group of one gets 0 before the
+    whitening."""
+    returns = discounted_returns(x.rewards, x.mask, x.gammas)
+    score = returns[:, 0]
+    mean, _, count = _group_stats(score, x.group)
+    centred = (returns - mean[:, None]) * (count > 1)[:, None] * x.mask
+    return normalize(centred, x.mask), None
 
 
 def normalize(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

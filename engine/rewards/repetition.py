@@ -25,7 +25,8 @@ def repetition_penalty(
 ) -> torch.Tensor:
     """Float32 [B, T]: ``penalty`` at each token of a repeated n-gram, 0 elsewhere and in padding.
 
-    ``only_start`` penalises a run of repetition once per n tokens (see ``repetition_mask``).
+    ``only_start`` penalises each contiguous run of repetition once, on the n tokens of its first
+    repeated n-gram, however long the run (see ``repetition_mask``).
     """
     if (
         isinstance(penalty, bool)
