@@ -49,6 +49,10 @@ class ModelConfig:
     # Recompute each transformer layer in the backward (policy and critic): activation memory of
     # a micro-batch drops to the layers' inputs, for about one more forward of compute.
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing, micro-batches over this many tokens also recompute each MLP in
+    # tiles of this many tokens (bounds a layer's recompute at long lengths; one more MLP forward
+    # for those micro-batches). None: whole layers only.
+    checkpoint_mlp_tile_tokens: int | None = 4096
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def check(self) -> None:
@@ -58,6 +62,8 @@ class ModelConfig:
             resolve_device(self.device)
         except ValueError as exc:
             raise ConfigError(f"device: {exc}") from None
+        if self.checkpoint_mlp_tile_tokens is not None:
+            _positive(self, "checkpoint_mlp_tile_tokens")
 
     def resolved_device(self):
         from .device import resolve_device

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,12 +86,43 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, device)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, mlp_tile_tokens: int | None = None) -> None:
     """Non-reentrant activation checkpointing of every transformer layer (Hugging Face's), for a
     causal LM or a bare backbone. Active only in training mode; each layer's forward is recomputed
-    in the backward, so only the layers' inputs are kept."""
+    in the backward, so only the layers' inputs are kept.
+
+    With ``mlp_tile_tokens``, each dense MLP (gate/up/down projections: Llama, Qwen, Mistral) of a
+    micro-batch over that many tokens also runs in token tiles, each checkpointed on its own. The
+    MLP is token-wise, so tiling changes no number; it bounds what a layer's recompute holds at
+    once: at long lengths the MLP's intermediates (about 4x the MLP width per token, plus their
+    gradients) are most of one layer's activations, and layer-level checkpointing alone keeps all
+    of them for the whole micro-batch during that layer's backward. The price is one more MLP
+    forward for those micro-batches.
+    """
     target = getattr(model, "backbone", model)  # ValueModel wraps a backbone
     enable = getattr(target, "gradient_checkpointing_enable", None)
     if enable is None:
         raise ValueError(f"{type(target).__name__}: no gradient_checkpointing_enable (not a Hugging Face model)")
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mlp_tile_tokens is None:
+        return
+    if isinstance(mlp_tile_tokens, bool) or not isinstance(mlp_tile_tokens, int) or mlp_tile_tokens < 1:
+        raise ValueError(f"mlp_tile_tokens must be a positive int or None, got {mlp_tile_tokens!r}")
+    for module in target.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, torch.nn.Module) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            mlp.checkpoint_tile_tokens = mlp_tile_tokens
+            # A bound method, not a closure: deepcopy (the frozen reference) rebinds it to the copy.
+            mlp.forward = types.MethodType(_tiled_mlp_forward, mlp)
+
+
+def _tiled_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    forward = type(mlp).forward
+    tile = mlp.checkpoint_tile_tokens
+    if not (mlp.training and torch.is_grad_enabled()) or x.shape[:-1].numel() <= tile:
+        return forward(mlp, x)
+    from torch.utils.checkpoint import checkpoint
+
+    flat = x.reshape(-1, x.shape[-1])
+    out = [checkpoint(forward, mlp, part, use_reentrant=False) for part in flat.split(tile)]
+    return torch.cat(out).reshape(*x.shape[:-1], -1)

@@ -150,7 +150,7 @@ def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup
         policy, tokenizer = load_policy(policy_path or cfg.model.path, dtype=precision.param_dtype)
     policy.to(device=precision.device, dtype=precision.param_dtype)
     if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(policy, cfg.model.checkpoint_mlp_tile_tokens)
     eos = tokenizer.eos_token_id
 
     if data.task == "addition":
@@ -301,7 +301,7 @@ class Trainer:
         tr.policy = policy.to(device=tr.device, dtype=tr.precision.param_dtype)
         tr.pad_id = pad_id
         if config.model.gradient_checkpointing:
-            enable_gradient_checkpointing(policy)
+            enable_gradient_checkpointing(policy, config.model.checkpoint_mlp_tile_tokens)
         tr.reference = tr._frozen_reference() if config.algorithm.kl_coef > 0 else None
         if critic is not None:
             critic.backbone.to(device=tr.device, dtype=tr.precision.param_dtype)
@@ -449,7 +449,7 @@ class Trainer:
         cfg = self.config
         self.critic = critic
         if critic is not None and cfg.model.gradient_checkpointing:
-            enable_gradient_checkpointing(critic)
+            enable_gradient_checkpointing(critic, cfg.model.checkpoint_mlp_tile_tokens)
         # (policy, critic) hyper-parameters besides the learning rates, which each step sets
         self.optim_settings = (dict(betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay),
                                dict(betas=cfg.optim.betas))

@@ -85,11 +85,11 @@ def models():
     return policy, critic, len(tok)
 
 
-def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False, perturb=True):
+def _experience_and_grads(overrides, policy, critic, vocab, checkpointing=False, perturb=True, mlp_tile=None):
     policy, critic = copy.deepcopy(policy), copy.deepcopy(critic)
     if checkpointing:
-        enable_gradient_checkpointing(policy)
-        enable_gradient_checkpointing(critic)
+        enable_gradient_checkpointing(policy, mlp_tile)
+        enable_gradient_checkpointing(critic, mlp_tile)
     tr = _learner(overrides, policy, critic)
     exp = tr.experience(_rollout(vocab))
     gen = torch.Generator().manual_seed(2)
@@ -131,14 +131,39 @@ def test_token_budget_path_equals_padded_path(models, agg, extra):
         assert rel <= 1e-4, (name, rel)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(models):
+@pytest.mark.parametrize("mlp_tile", [None, 5])
+def test_gradient_checkpointing_gives_the_same_gradients(models, mlp_tile):
     policy, critic, vocab = models
     overrides = [f"algorithm.max_tokens_per_micro_batch={BUDGET}", *UPDATE_TERMS]
     _, plain = _experience_and_grads(overrides, policy, critic, vocab)
-    _, ckpt = _experience_and_grads(overrides, policy, critic, vocab, checkpointing=True)
+    _, ckpt = _experience_and_grads(overrides, policy, critic, vocab, checkpointing=True, mlp_tile=mlp_tile)
     for name, g in plain.items():
         rel = ((g - ckpt[name]).norm() / g.norm().clamp_min(1e-12)).item()
         assert rel <= 1e-5, (name, rel)
+
+
+def test_mlp_tiles_run_in_the_backward_and_follow_copies():
+    """Tiling engages only for micro-batches over the tile, in training with gradients, and a
+    deep copy (the frozen reference) runs its own weights."""
+    tok = build_char_tokenizer(addition.CHARSET)
+    model = build_tiny_model(tok, layers=1, hidden=64, heads=1, seed=5)
+    enable_gradient_checkpointing(model, 4)
+    mlp = model.model.layers[0].mlp
+    calls = []
+    mlp.up_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[:-1].numel()))
+    ids = torch.randint(3, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(ids).logits.sum().backward()
+    # 10 tokens in tiles of 4, in the forward and in every recompute of the backward.
+    assert calls[:3] == [4, 4, 2] and len(calls) > 3 and max(calls) == 4, calls
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert calls == [10]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.down_proj.weight.zero_()
+        assert not torch.equal(twin(ids).logits, model(ids).logits)
 
 
 def test_budget_changes_cut_not_gradients(models):
