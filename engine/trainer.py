@@ -637,6 +637,7 @@ class Trainer:
         per_minibatch: list[torch.Tensor] = []
         norms: dict[str, list[torch.Tensor]] = {"grad_norm": [], "critic_grad_norm": []}
         updates = skipped = 0
+        live = self._rows_with_gradient(exp, kl_in_loss)
         for epoch in range(a.epochs):
             perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
             for rows in perm.split(a.mini_batch_size):
@@ -647,9 +648,15 @@ class Trainer:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones(2, dtype=torch.bool, device=self.device)  # policy, critic
                 stats = torch.zeros(len(names), dtype=torch.float32, device=self.device)
-                for micro, sb in self.micro_batches(exp.sb, rows, sizes):
+                # The shares keep the whole mini-batch's denominators: a skipped row's terms are 0.
+                forward_rows = rows if live is None else [r for r in rows if live[r]]
+                stat_tokens = tokens if live is None else mask[forward_rows].sum().clamp_min(1)
+                if epoch == 0 and len(forward_rows) < len(rows):
+                    self._entropy_of_rows(exp, [r for r in rows if not live[r]], sizes)
+                for micro, sb in self.micro_batches(exp.sb, forward_rows, sizes) if forward_rows else ():
                     steps = sb.tokens.shape[1]
                     token_share = sb.mask.sum() / tokens
+                    stat_share = sb.mask.sum() / stat_tokens
                     share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)
                     hidden, weight, sb = response_hidden(self.policy, sb, self.precision)
                     old = None if exp.old_logp is None else exp.old_logp[micro, :steps]
@@ -662,8 +669,8 @@ class Trainer:
                     if epoch == 0:
                         exp.entropy[micro, :steps] = ent.detach()
                     stats[0] += loss.detach() * share
-                    stats[1] += st["clip_frac"] * token_share
-                    stats[2] += st["approx_kl"] * token_share
+                    stats[1] += st["clip_frac"] * stat_share
+                    stats[2] += st["approx_kl"] * stat_share
                     loss = loss * share
                     # Token means over the whole mini-batch, whatever the policy loss aggregation.
                     if kl_in_loss:
@@ -684,33 +691,54 @@ class Trainer:
                         stats[3] += vloss.detach()
                         stats[4] += vfrac * token_share
                 per_minibatch.append(stats)
-                policy_ok, critic_ok = finite.tolist()  # one sync per optimiser step
-                updates += 1
-                skipped += self._optimizer_step(self.policy, self.optimizer, norms["grad_norm"], policy_ok)
+                if not forward_rows:  # Adam still steps on a zero gradient (moments, decay)
+                    for p in self.policy.parameters():
+                        p.grad = torch.zeros_like(p) if p.requires_grad else None
+                learners = [(self.policy, self.optimizer, "grad_norm")]
                 if self.critic is not None:
+                    learners.append((self.critic, self.critic_optimizer, "critic_grad_norm"))
+                clip = cfg.optim.grad_clip
+                grad_norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), clip if clip is not None else float("inf"))
+                              for m, _, _ in learners]
+                # A non-finite loss or gradient norm skips that optimiser's step, so its moments and
+                # step count stay as they were. One host sync per mini-batch.
+                ok = (finite[:len(learners)] & torch.isfinite(torch.stack(grad_norms))).tolist()
+                for (_, optimizer, key), norm, good in zip(learners, grad_norms, ok):
                     updates += 1
-                    skipped += self._optimizer_step(self.critic, self.critic_optimizer, norms["critic_grad_norm"],
-                                                    critic_ok)
+                    if good:
+                        norms[key].append(norm.detach().float())
+                        optimizer.step()
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped += 1
         self.policy.eval()
-        means = torch.stack(per_minibatch).mean(0).tolist()
-        out = {k: v for k, v in zip(names, means) if self.critic is not None or not k.startswith("value")}
-        out.update({k: torch.stack(v).mean().item() for k, v in norms.items() if v})
+        means = torch.stack(per_minibatch).mean(0)
+        norm_means = {k: torch.stack(v).mean() for k, v in norms.items() if v}
+        values = torch.cat([means, torch.stack(list(norm_means.values())) if norm_means else means[:0]]).tolist()
+        out = {k: v for k, v in zip(names, values) if self.critic is not None or not k.startswith("value")}
+        out.update(zip(norm_means, values[len(names):]))
         out["updates"], out["skipped_updates"] = updates, skipped
         return out
 
-    def _optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, norms: list[torch.Tensor],
-                        loss_finite: bool) -> int:
-        """Clip and step. A non-finite loss or gradient norm skips the update (returns 1): the
-        optimiser is not stepped, so its moments and step count stay as they were."""
-        if loss_finite:
-            clip = self.config.optim.grad_clip
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
-            if torch.isfinite(norm):
-                norms.append(norm.detach().float())
-                optimizer.step()
-                return 0
-        optimizer.zero_grad(set_to_none=True)
-        return 1
+    def _rows_with_gradient(self, exp: Experience, kl_in_loss: bool) -> list[bool] | None:
+        """Per row, whether it can move the policy; None when every row must be forwarded.
+
+        Without a critic, a KL loss term or an entropy bonus, a response whose advantage is 0 at
+        every token (a GRPO/RLOO group whose responses all scored the same) adds exactly 0 to the
+        clipped policy loss and to its gradient, whatever its ratio: the update skips its forward
+        and backward. The denominators keep it, so the update is the same (a test compares)."""
+        a = self.config.algorithm
+        if self.critic is not None or kl_in_loss or a.entropy_coef > 0:
+            return None
+        return (exp.advantages != 0).any(-1).tolist()
+
+    @torch.no_grad()
+    def _entropy_of_rows(self, exp: Experience, rows: list[int], sizes) -> None:
+        """The logged entropy of rows the update skips: a forward without a backward."""
+        temp = self.config.rollout.temperature
+        for micro, sb in self.micro_batches(exp.sb, rows, sizes, experience=True):
+            ent = response_logprobs(self.policy, sb, temp, with_entropy=True, precision=self.precision)[1]
+            exp.entropy[micro, :sb.tokens.shape[1]] = ent
 
     def step_metrics(self, step, rollout, texts, scores, rewards, kl, exp, stats, times) -> dict[str, Any]:
         mask = exp.sb.mask

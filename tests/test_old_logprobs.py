@@ -1,11 +1,13 @@
 """No forward the step does not use: the old-policy forward skipped for on-policy updates, the
 reference neither built nor run without a KL term."""
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
-from test_micro_batches import UPDATE_TERMS, _experience_and_grads, models  # noqa: F401
+import torch
+from test_micro_batches import UPDATE_TERMS, _experience_and_grads, _rollout, models  # noqa: F401
 from test_trainer import rl_rows, tiny_config
 
 import longcot.engine.trainer as trainer_module
@@ -45,12 +47,14 @@ def test_no_kl_term_builds_and_runs_no_reference(tmp_path, monkeypatch):
     calls = []
     forward = trainer_module.response_logprobs
     monkeypatch.setattr(trainer_module, "response_logprobs",
-                        lambda model, *a, **k: calls.append(model) or forward(model, *a, **k))
+                        lambda model, *a, **k: calls.append(k.get("with_entropy")) or forward(model, *a, **k))
     tr = Trainer(tiny_config(tmp_path, "algorithm.name=grpo", "algorithm.kl_coef=0", "algorithm.mini_batch_size=16"))
     summary = tr.fit()
     assert tr.reference is None and tr.critic is None
     assert not (Path(summary["run_dir"]) / "reference").exists()
-    assert calls == []  # one update per rollout and no KL: no experience forward at all
+    # One update per rollout and no KL: no experience forward at all; only the logged entropy of
+    # rows the update skips (zero advantage) takes a forward of its own.
+    assert all(calls)
     rows = rl_rows(summary["run_dir"])
     assert all("kl" not in r and r["entropy"] is not None and r["approx_kl"] == 0 for r in rows)
     # resuming with a KL term needs the reference the run never saved
@@ -60,3 +64,44 @@ def test_no_kl_term_builds_and_runs_no_reference(tmp_path, monkeypatch):
         Trainer(load_config(None, [f"resume={summary['run_dir']}", "algorithm.kl_coef=0.1"])).fit()
     saved = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert saved["steps"] == 2
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm.mini_batch_size=7"],  # one mini-batch, on-policy: some rows skipped
+    # two epochs of mini-batches of 2 rows off-policy: most mini-batches have no row to forward
+    ["algorithm.mini_batch_size=2", "algorithm.epochs=2", "algorithm.old_logprobs=recompute",
+     "algorithm.loss_agg=seq-mean-token-mean"],
+])
+def test_rows_without_advantage_are_skipped_exactly(models, overrides):  # noqa: F811
+    """Skipping the zero-advantage rows' forward and backward leaves the update (Adam's step on
+    every parameter) and the logged entropy as they are with every row forwarded."""
+    policy, _, vocab = models
+    live = torch.tensor([0, 0, 1, 0, 0, 0, 1], dtype=torch.bool)  # rows 2 and 6 have an advantage
+    results = []
+    for skip in (True, False):
+        model = copy.deepcopy(policy)
+        cfg = load_config(None, ["algorithm.name=grpo", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+                                 "algorithm.kl_coef=0", "optim.lr=1e-2", *overrides])
+        tr = Trainer.from_models(cfg, model, None)
+        # SGD with momentum and decay, which (like Adam) moves weights on a zero gradient, but
+        # without Adam's division by the gradient's size, which turns round-off of the
+        # zero-in-theory gradients (the key biases') into whole steps.
+        tr.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        if not skip:
+            tr._rows_with_gradient = lambda exp, kl_in_loss: None
+        exp = tr.experience(_rollout(vocab))
+        mask = exp.sb.mask
+        exp.advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(5)) * mask * live[:, None]
+        forwarded = []
+        hook = model.model.embed_tokens.register_forward_hook(  # rows forwarded for a backward
+            lambda m, i, o, seen=forwarded: seen.append(i[0].shape[0] if torch.is_grad_enabled() else 0))
+        stats = tr.update(exp)
+        hook.remove()
+        results.append((dict(model.named_parameters()), exp.entropy.clone(), stats, sum(forwarded)))
+    (skipped, ent_s, st_s, rows_s), (full, ent_f, st_f, rows_f) = results
+    assert rows_s < rows_f  # the skip happened
+    assert (ent_s - ent_f).abs().max().item() <= 1e-6
+    assert st_s["pg_loss"] == pytest.approx(st_f["pg_loss"], abs=1e-7)
+    for name, p in full.items():
+        assert torch.allclose(skipped[name], p, rtol=0, atol=1e-6), (name, (skipped[name] - p).abs().max().item())
+        assert not torch.equal(p, dict(policy.named_parameters())[name]) or "norm" in name, name
