@@ -1,4 +1,5 @@
-"""Rollout backends behind one `Generator` protocol: Hugging Face `generate` and vLLM.
+"""Rollout backends behind one `Generator` protocol: longcot's decode loop on a Hugging Face
+model (`HFGenerator`) and vLLM.
 
 `VLLMGenerator` is imported lazily, so importing longcot does not import vLLM.
 """

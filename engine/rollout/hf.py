@@ -1,44 +1,68 @@
-"""Rollouts with Hugging Face `generate` (KV cache), running the trainer's own policy module.
+"""Rollouts from the trainer's own policy module, with a decode loop built for RL.
 
-The rollout's tensors stay on the policy's device; with a ``Precision`` the decoding runs under
-its autocast (bf16 compute on fp32 master weights).
+Why not Hugging Face `generate`: to report the sampled tokens' log-probs it must keep every
+step's logits (``output_logits``), [B, T, V] on the host -- 40 GB at Qwen's V = 151,936 for
+64 x 1,024 tokens -- and it keeps finished rows in the batch until the last row ends. This loop
+runs the same model forward (`model(input_ids, attention_mask, position_ids, past_key_values)`),
+and around it:
+
+- one prefill per distinct prompt, left-padded; its keys and values are copied into the rows
+  of its ``n`` samples, so a prompt is not run ``n`` times;
+- a preallocated KV cache (`_PreallocatedLayer`, grown by doubling): a decode step writes one
+  column in place and attends over a view of the filled part. transformers' `DynamicCache`
+  concatenates, copying the whole cache every step; its `StaticCache` attends over its full
+  length every step (the masked tail included). Both were slower here (README: the rollout
+  loop);
+- rows that end (end-of-sequence) leave the decode batch: every ``check_every`` steps one host
+  read of the finished flags decides whether to stop or to drop the finished rows from the
+  cache, so the long tail of a batch is not decoded at the batch's width. That read is the
+  loop's only host synchronisation;
+- sampling on fp32 logits: softmax(logits / T), nucleus (top-p) filtering when ``top_p < 1``,
+  one uniform number per row (an inverse-CDF draw),
+  and the sampled token's log-prob, log softmax(logits / T) before top-p (the trainer's
+  definition, `Rollout.logprobs`), computed at the step into a [B, T] tensor: no [B, T, V]
+  tensor exists at any point; each step holds a few [B, V] ones;
+- a private `torch.Generator` per call: the same seed gives the same rollout, and the caller's
+  global RNG (and a GPU's) is not touched.
+
+The rollout's tensors stay on the policy's device; with a ``Precision`` the forwards run under
+its autocast (bf16 compute on fp32 master weights). Models whose cache is not plain
+full-attention layers (sliding windows, linear attention) take the same loop on transformers'
+`DynamicCache`, prefilling every row and letting the model build its masks.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
 
-from longcot.kernels import token_logprobs
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..device import Precision, autocast
 from .base import Rollout, check_generate_args
 
-# generate() fills every setting a call leaves unset from the model folder's
-# generation_config.json, and instruct models ship sampling settings there (Qwen2.5-Instruct:
-# repetition_penalty 1.05, top_k 20). Any of them would make the rollout's distribution differ
-# from softmax(logits / T), the one the trainer's log-probs describe; so each call sets them all,
-# to values that leave the logits as they are.
-NEUTRAL_SAMPLING = {
-    "top_k": None, "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "sequence_bias": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "guidance_scale": None, "renormalize_logits": False,
-    "watermarking_config": None, "num_beams": 1,
-}
-
 
 class HFGenerator:
-    """Samples from ``model`` itself, so a weight update needs no copy."""
+    """Samples from ``model`` itself (any Hugging Face causal LM), so a weight update needs no copy.
+
+    ``batch_size`` bounds the rows decoded together (prompts x samples); larger requests run in
+    consecutive batches sharing one random stream. ``check_every`` is the number of decode steps
+    between reads of the finished flags (default: every step on the CPU, where the read costs
+    nothing; every 8 steps on an accelerator, where each read stalls the queue of kernels).
+    """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, check_every: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every: expected >= 1, got {check_every}")
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.precision = precision
+        self.check_every = check_every
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -52,21 +76,42 @@ class HFGenerator:
         top_p: float,
         max_new_tokens: int,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> Rollout:
+        """Sample ``n`` responses per prompt; ``temperature=0`` decodes greedily (log-probs then of
+        the raw logits). ``ignore_eos`` decodes ``max_new_tokens`` for every row (benchmarks);
+        the rows are then all marked truncated."""
         check_generate_args(prompts, n, max_new_tokens)
-        expanded = [p for p in prompts for _ in range(n)]
+        if not temperature >= 0:
+            raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {top_p}")
         device = next(self.model.parameters()).device
+        expanded = [p for p in prompts for _ in range(n)]
         index = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()  # fresh entropy, not drawn from (so not moving) the global RNG
+        else:
+            gen.manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
         chunks = []
-        # A seeded, private RNG stream: the same seed gives the same rollout, and sampling does
-        # not move the caller's global RNG (nor, on a GPU, its device's).
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+        try:
             for start in range(0, len(expanded), self.batch_size):
-                chunks.append(
-                    self._generate(expanded[start : start + self.batch_size], temperature, top_p, max_new_tokens)
-                )
+                rows = range(start, min(start + self.batch_size, len(expanded)))
+                # Consecutive rows of one prompt share its prefill.
+                groups: list[list[int]] = []
+                counts: list[int] = []
+                for r in rows:
+                    if r != start and r // n == (r - 1) // n:
+                        counts[-1] += 1
+                    else:
+                        groups.append(list(expanded[r]))
+                        counts.append(1)
+                chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, gen, ignore_eos))
+        finally:
+            self.model.train(was_training)
         steps = max(c[0].shape[1] for c in chunks)
         tokens = torch.cat([_pad_right(c[0], steps, self.pad_token_id) for c in chunks])
         logprobs = torch.cat([_pad_right(c[1], steps, 0.0) for c in chunks])
@@ -74,47 +119,231 @@ class HFGenerator:
         truncated = torch.cat([c[3] for c in chunks])
         return Rollout(expanded, index, tokens, lengths, truncated, logprobs)
 
-    def _generate(self, prompts: list[list[int]], temperature: float, top_p: float, max_new_tokens: int):
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
+    # --- one batch ---------------------------------------------------------------------------
+
+    def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, top_p: float,
+                max_new_tokens: int, gen: torch.Generator, ignore_eos: bool):
+        """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B]) for ``counts[i]`` samples of
+        ``prompts[i]``, B = sum(counts), T = the longest response."""
+        model = self.model
+        device = next(model.parameters()).device
+        batch, width = sum(counts), max(len(p) for p in prompts)
+        fast = _preallocatable(model)
+        if not fast:  # transformers' own cache layers: prefill every row
+            prompts = [p for p, c in zip(prompts, counts) for _ in range(c)]
+            counts = [1] * batch
+        repeats = torch.tensor(counts, device=device) if max(counts) > 1 else None
+        cache = _PreallocatedCache(model, width + max_new_tokens, batch, repeats) if fast else DynamicCache(config=model.config)
         # Decoder-only generation continues each row from its last column: pad on the left.
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            attn[row, width - len(p) :] = 1
-        greedy = temperature == 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_lens = [len(p) for p in prompts]
+        lens = torch.tensor(prompt_lens, device=device)
+        col = torch.arange(width + max_new_tokens, device=device)
+        # attend[b, j]: column j of row b holds a token (prompt or generated), not left padding.
+        attend = col[None, :] >= (width - lens)[:, None]
+        padded = min(prompt_lens) < width
+        # Positions as `generate` makes them: 0, 1, ... from each row's first token.
+        positions = (col[None, :width] - (width - lens)[:, None]).clamp_min(0)
+        kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        with autocast(self.precision):
+            out = model(input_ids=ids.to(device), attention_mask=attend[:, :width].long() if padded else None,
+                        position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
+        logits = out.logits[:, -1].float()
+        del out
+        if repeats is not None:
+            logits, lens, attend = (x.repeat_interleave(repeats, 0) for x in (logits, lens, attend))
+            prompt_lens = [length for length, c in zip(prompt_lens, counts) for _ in range(c)]
+
+        check_every = self.check_every or (1 if device.type == "cpu" else 8)
+        tokens = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows: torch.Tensor | None = None  # the original row of each decoded row, once rows were dropped
+        pos = lens.clone()
+        seen = width  # columns in the cache
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            tok, logp = _sample(logits, temperature, top_p, gen)
+            tok = tok.masked_fill_(done, self.pad_token_id)
+            logp = logp.masked_fill_(done, 0.0)
+            if rows is None:
+                tokens[:, t], logps[:, t] = tok, logp
+            else:
+                tokens[rows, t], logps[rows, t] = tok, logp
+            if t + 1 == max_new_tokens:
+                break
+            if not ignore_eos:
+                done |= tok == self.eos_token_id
+                if (t + 1) % check_every == 0:
+                    flags = done.tolist()  # the loop's one host read
+                    left = [i for i, f in enumerate(flags) if not f]
+                    if not left:
+                        steps = t + 1
+                        break
+                    # A compaction copies the filled cache twice, about what two steps' attention
+                    # reads; dropping fewer than an eighth of the rows would take long to repay it.
+                    if len(flags) - len(left) >= max(1, len(flags) // 8):
+                        keep = torch.tensor(left, device=device)
+                        cache.batch_select_indices(keep)
+                        rows = keep if rows is None else rows[keep]
+                        tok, done, pos, attend = tok[keep], done[keep], pos[keep], attend[keep]
+                        prompt_lens = [prompt_lens[i] for i in left]
+                        padded = min(prompt_lens) < width
             with autocast(self.precision):
-                out = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attn.to(device),
-                    do_sample=not greedy,
-                    **NEUTRAL_SAMPLING,
-                    temperature=None if greedy else temperature,
-                    top_p=None if greedy else top_p,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-        finally:
-            self.model.train(was_training)
-        tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1)  # raw logits, before temperature and top-p
+                if fast:
+                    # One query per row: the mask only has to hide left padding, and sdpa reads it
+                    # as given (a view, no per-step mask construction or host check).
+                    mask = attend[:, None, None, : seen + 1] if padded else None
+                else:
+                    mask = attend[:, : seen + 1].long() if padded else None
+                out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
+                            past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            del out
+            pos += 1
+            seen += 1
+        tokens, logps = tokens[:, :steps], logps[:, :steps]
         is_eos = tokens == self.eos_token_id
+        if ignore_eos:
+            is_eos = torch.zeros_like(is_eos)
         has_eos = is_eos.any(dim=1)
-        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, tokens.shape[1], dtype=torch.long))
-        lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, tokens.shape[1]))
-        mask = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
-        tokens = tokens.masked_fill(~mask, self.pad_token_id)
-        logp = token_logprobs(logits, tokens, temperature=1.0 if greedy else temperature)
-        logp = logp.masked_fill(~mask, 0.0)
-        truncated = ~has_eos
-        return tokens, logp, lengths, truncated
+        first_eos = is_eos.int().argmax(dim=1)
+        lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, steps))
+        longest = int(lengths.max())
+        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
+    """(token [B], its log-prob [B]) from fp32 logits [B, V]: greedy at temperature 0 (log-prob of
+    the raw logits), else a draw from softmax(logits / T), restricted to the top-p nucleus when
+    ``top_p < 1``; the log-prob is log softmax(logits / T) before top-p either way."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+    scaled = logits / temperature
+    top = scaled.amax(-1, keepdim=True)
+    weights = (scaled - top).exp_()  # softmax(logits / T) times its normaliser
+    lse = top.squeeze(1) + weights.sum(-1).log()
+    if top_p < 1:
+        weights = top_p_filter(weights, top_p)
+    # Inverse-CDF draw: one uniform per row. The exponential race (argmax p / Exp(1), what
+    # torch.multinomial does for one sample) needs V random numbers per row; at V = 151,936 on
+    # the CPU that was 2.6-7.7x slower here (B = 64 and 8). The CDF is summed in float64 so that
+    # its rounding stays far below any probability that matters; a token of weight 0 spans an
+    # empty interval and is never drawn.
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    u = torch.rand((cdf.shape[0], 1), generator=gen, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    return tok, scaled.gather(1, tok[:, None]).squeeze(1) - lse
+
+
+def top_p_filter(weights: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``weights`` [B, V] (probabilities, normalised or not) with the tokens outside the nucleus
+    zeroed. The nucleus is transformers' `TopPLogitsWarper`'s: drop the least likely tokens
+    whose total probability is at most 1 - top_p, always keeping the most likely one."""
+    sorted_w, order = weights.sort(-1)  # ascending, as transformers does
+    cum = sorted_w.cumsum(-1)
+    drop = cum <= (1 - top_p) * cum[:, -1:]
+    drop[:, -1] = False
+    return weights.scatter(-1, order, sorted_w.masked_fill_(drop, 0.0))
+
+
+# --- the KV cache ------------------------------------------------------------------------------
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer in preallocated buffers: `update` writes the new columns in
+    place and returns a view of the filled part, where `DynamicLayer` concatenates (copies the
+    whole cache) every step. The buffers grow by doubling up to ``capacity`` (prompt width + max
+    new tokens), so memory follows the rollout's actual length rather than its limit at an
+    amortised copy of the cache once. The first `update`, the prefill of the distinct prompts,
+    writes each prompt's keys and values into the rows of all its samples (``repeats``)."""
+
+    def __init__(self, capacity: int, rows: int, repeats: torch.Tensor | None):
+        super().__init__()
+        self.capacity, self.rows, self.repeats = capacity, rows, repeats
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        columns = min(self.capacity, 2 * key_states.shape[-2] + 128)
+        self._keys = key_states.new_empty((self.rows, key_states.shape[1], columns, key_states.shape[-1]))
+        self._values = value_states.new_empty((self.rows, value_states.shape[1], columns, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def _reserve(self, end: int) -> None:
+        if end <= self._keys.shape[2]:
+            return
+        columns = min(self.capacity, max(end, 2 * self._keys.shape[2]))
+        grown = []
+        for buf in (self._keys, self._values):
+            new = buf.new_empty((buf.shape[0], buf.shape[1], columns, buf.shape[3]))
+            new[:, :, : self.length] = buf[:, :, : self.length]
+            grown.append(new)
+        self._keys, self._values = grown
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self._reserve(end)
+        prefill = self.repeats is not None
+        if prefill:
+            self._keys[:, :, start:end] = key_states.repeat_interleave(self.repeats, 0)
+            self._values[:, :, start:end] = value_states.repeat_interleave(self.repeats, 0)
+            self.repeats = None
+        else:
+            self._keys[:, :, start:end] = key_states
+            self._values[:, :, start:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        # The prefill's queries are the distinct prompts, and the cache was empty before it:
+        # they attend over their own keys.
+        return (key_states, value_states) if prefill else (self.keys, self.values)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # In place, filled columns only: the kept rows move to the front of the same buffers, so a
+        # compaction costs two copies of the filled part and allocates nothing (the next growth
+        # allocates for the kept rows only).
+        rows, end = indices.shape[0], self.length
+        for buf in (self._keys, self._values):
+            buf[:rows, :, :end] = buf[:, :, :end].index_select(0, indices)
+        self._keys, self._values = self._keys[:rows], self._values[:rows]
+        self.rows = rows
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+
+def _preallocatable(model: torch.nn.Module) -> bool:
+    """Whether every layer of the model's cache is a plain full-attention `DynamicLayer`."""
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class _PreallocatedCache(DynamicCache):
+    """A `DynamicCache` of `_PreallocatedLayer`s (a subclass, for models that check the type)."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int, rows: int, repeats: torch.Tensor | None):
+        super().__init__(config=model.config)
+        self.layers = [_PreallocatedLayer(capacity, rows, repeats) for _ in self.layers]
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the forward can compute the last column's logits only (the prefill's)."""
+    kind = type(model)
+    if kind not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _LOGITS_TO_KEEP[kind]
 
 
 def _pad_right(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
