@@ -745,27 +745,35 @@ class Trainer:
         valid = mask.sum().clamp_min(1)
         lengths = rollout.lengths.float()
         rep_n = next((int(c.params.get("n", 40)) for c in self.config.reward.channels if c.reward == "repetition"), 40)
-        generated = int(rollout.lengths.sum())
+        # Computed where the step's tensors live and read back in one host sync.
+        on_device = {
+            "reward/mean": rewards.sum(dim=(1, 2)).mean(),
+            "reward/score": (scores.sparse.sum(-1) + scores.dense.sum(dim=(1, 2))).mean(),
+            "accuracy": scores.correct.float().mean(),
+            "response_length/mean": lengths.mean(),
+            "response_length/max": lengths.max(),
+            "exceed_rate": rollout.truncated.float().mean(),
+            "repetition_rate": repetition_mask(rollout.tokens, rollout.lengths, rep_n).any(-1).float().mean(),
+            "repetition_ratio": repetition_ratio(rollout.tokens, rollout.lengths, rep_n).mean(),
+            "entropy": (exp.entropy * mask).sum() / valid,
+            "generated": lengths.sum(),
+        }
+        if kl is not None:  # absent, not 0, without a reference
+            on_device["kl"] = kl.sum() / valid
+        device = rewards.device
+        read = dict(zip(on_device, torch.stack([v.to(device=device, dtype=torch.float32)
+                                                for v in on_device.values()]).tolist()))
+        generated = read.pop("generated")
         row: dict[str, Any] = {
             "phase": "rl",
             "step": step,
-            "reward/mean": rewards.sum(dim=(1, 2)).mean().item(),
-            "reward/score": (scores.sparse.sum(-1) + scores.dense.sum(dim=(1, 2))).mean().item(),
-            "accuracy": scores.correct.float().mean().item(),
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "exceed_rate": rollout.truncated.float().mean().item(),
-            "repetition_rate": repetition_mask(rollout.tokens, rollout.lengths, rep_n).any(-1).float().mean().item(),
-            "repetition_ratio": repetition_ratio(rollout.tokens, rollout.lengths, rep_n).mean().item(),
+            **read,
             "kl_coef": self.kl_ctl.coef,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "entropy": ((exp.entropy * mask).sum() / valid).item(),
             "verifier_timeouts": scores.timeouts,
             "tokens_per_second": generated / max(times["rollout"], 1e-9),
             **stats,
             **reflection_counts(texts),
         }
-        if kl is not None:  # absent, not 0, without a reference
-            row["kl"] = (kl.sum() / valid).item()
         row.update({f"time/{k}": v for k, v in times.items()})
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
