@@ -109,7 +109,10 @@ class HFGenerator:
                     else:
                         groups.append(list(expanded[r]))
                         counts.append(1)
-                chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, gen, ignore_eos))
+                # Inference mode drops autograd's per-op bookkeeping (version counters, views) that
+                # no_grad keeps; the torch.cat below turns the results into ordinary tensors.
+                with torch.inference_mode():
+                    chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, gen, ignore_eos))
         finally:
             self.model.train(was_training)
         steps = max(c[0].shape[1] for c in chunks)
