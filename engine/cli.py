@@ -17,6 +17,13 @@ def _bench(args: argparse.Namespace) -> int:
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
         return step.run(device=args.device, small=args.small, json_path=args.json, lengths=lengths,
                         batch=args.batch, budget=args.budget, threads=args.threads)
+    if args.suite == "peers":
+        from longcot.bench import peers
+
+        if args.device != "cpu":
+            raise SystemExit("longcot bench peers: runs on the CPU only (--device cpu)")
+        return peers.run(small=args.small, json_path=args.json, steps=args.steps, seed=args.seed,
+                         threads=args.threads, repeats=args.repeats)
     raise AssertionError(args.suite)  # argparse restricts the choices
 
 
@@ -97,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
-    bench.add_argument("suite", choices=["kernels", "step"],
+    bench.add_argument("suite", choices=["kernels", "step", "peers"],
                        help="kernels: per-op microbenchmarks; step: experience + PPO update at long lengths, "
-                            "padded vs token-budget micro-batches, with and without checkpointing")
+                            "padded vs token-budget micro-batches, with and without checkpointing; peers: "
+                            "longcot's GRPO against TRL's GRPOTrainer on the built-in task, same settings")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="device to measure on (cuda --small runs without a GPU under TRITON_INTERPRET=1)",
@@ -114,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=None,
                        help="step: responses per row (default 16; 2 at L = 16,384 on CPU)")
     bench.add_argument("--budget", type=int, default=16384, help="step: tokens per micro-batch (default 16384)")
-    bench.add_argument("--threads", type=int, default=2, help="step: torch threads per side (default 2)")
+    bench.add_argument("--threads", type=int, default=2, help="step, peers: torch threads per side (default 2)")
+    bench.add_argument("--steps", type=int, default=None, help="peers: RL steps per side (default 60; --small: 3)")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="peers: runs of each side, alternating (default 2; --small: 1)")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="peers: seed of the task split, the SFT warm start and both sides (default 0)")
     bench.set_defaults(func=_bench)
     return parser
 
