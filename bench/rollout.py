@@ -34,21 +34,17 @@ SETTINGS = {
 
 
 def _hf_tokens_per_s(model, prompts, n, new_tokens, pad_id) -> float:
-    expanded = [p for p in prompts for _ in range(n)]
-    width = max(len(p) for p in expanded)
-    ids = torch.full((len(expanded), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(expanded):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
+    from .rollout_loop import _left_padded
+
+    ids, attn = _left_padded([p for p in prompts for _ in range(n)], pad_id)
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.7, top_p=1.0,
                              top_k=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
     seconds = time.perf_counter() - t
-    assert out.sequences.shape[1] - width == new_tokens
-    return len(expanded) * new_tokens / seconds
+    assert out.sequences.shape[1] - ids.shape[1] == new_tokens
+    return ids.shape[0] * new_tokens / seconds
 
 
 def run(small: bool, only: str | None = None) -> list[dict]:
