@@ -270,13 +270,17 @@ class AlgorithmConfig:
     # update's own log-probs, detached (no forward at all); otherwise recompute.
     old_logprobs: Literal["auto", "recompute", "rollout"] = "auto"
 
-    def old_logprobs_source(self, responses: int) -> str:
-        """``recompute``, ``rollout`` or ``update`` (on-policy: the update's own forward)."""
+    def old_logprobs_source(self, responses: int, sampler_exact: bool = False) -> str:
+        """``recompute``, ``rollout`` or ``update`` (on-policy: the update's own forward).
+        ``sampler_exact``: the rollout's log-probs are the trainer's own numbers (the HF loop
+        sampling from the policy module in fp32), which ``auto`` then takes over a recompute."""
         if self.old_logprobs != "auto":
             return self.old_logprobs
         one_update = self.epochs == 1 and self.mini_batch_size >= responses
         kl_in_reward = self.kl_in == "reward" and self.kl_coef > 0
-        return "update" if one_update and not kl_in_reward else "recompute"
+        if one_update and not kl_in_reward:
+            return "update"
+        return "rollout" if sampler_exact else "recompute"
 
     def check(self) -> None:
         for key in ("lam",):

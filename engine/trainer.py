@@ -594,7 +594,7 @@ class Trainer:
         `algorithm.old_logprobs`), reference log-probs when there is a KL term, critic values."""
         sb = sequence_batch(rollout.prompts, rollout.tokens, rollout.lengths, self.pad_id)
         temp = self.config.rollout.temperature
-        source = self.config.algorithm.old_logprobs_source(len(rollout))
+        source = self.config.algorithm.old_logprobs_source(len(rollout), self._sampler_logprobs_exact())
         models = {"old": self.policy if source == "recompute" else None, "ref": self.reference, "val": self.critic}
         out = {k: torch.zeros(sb.tokens.shape, dtype=torch.float32, device=self.device)
                for k, model in models.items() if model is not None}
@@ -611,6 +611,15 @@ class Trainer:
         if source == "rollout":
             out["old"] = rollout.logprobs.to(torch.float32) * sb.mask
         return Experience(rollout, sb, out.get("old"), out.get("ref"), out.get("val"))
+
+    def _sampler_logprobs_exact(self) -> bool:
+        """Whether the rollouts' log-probs are the trainer's: the HF loop samples from the policy
+        module itself, and in fp32 its cached decode matches a full forward to ~1e-5 in the ratio
+        (README). vLLM's engine, or bf16 compute (cached decode and full forward round apart),
+        are recomputed instead."""
+        generator = getattr(self, "generator", None)
+        return (isinstance(generator, HFGenerator) and generator.model is self.policy
+                and self.precision.name == "fp32")
 
     def update(self, exp: Experience) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches, accumulating gradients over micro-batches.

@@ -43,6 +43,29 @@ def test_old_logprobs_source(overrides, source):
     assert a.old_logprobs_source(128) == source
 
 
+def test_old_logprobs_source_takes_an_exact_sampler():
+    ppo = load_config(None, []).algorithm  # KL in the reward, two mini-batches
+    assert ppo.old_logprobs_source(128, sampler_exact=True) == "rollout"
+    assert load_config(None, ["algorithm.old_logprobs=recompute"]).algorithm.old_logprobs_source(
+        128, sampler_exact=True) == "recompute"
+    on_policy = load_config(None, ["algorithm.kl_coef=0", "algorithm.mini_batch_size=128"]).algorithm
+    assert on_policy.old_logprobs_source(128, sampler_exact=True) == "update"
+
+
+@pytest.mark.parametrize("precision, policy_forwards", [("fp32", False), ("bf16-mixed", True)])
+def test_default_ppo_takes_the_hf_loops_log_probs_in_fp32(tmp_path, monkeypatch, precision, policy_forwards):
+    """The default run (KL in the reward) needs old log-probs before the update: in fp32 the HF
+    loop's own are taken and the policy runs no experience forward; in bf16 they are recomputed."""
+    calls = []
+    forward = trainer_module.response_logprobs
+    monkeypatch.setattr(trainer_module, "response_logprobs",
+                        lambda model, *a, **k: calls.append(model) or forward(model, *a, **k))
+    tr = Trainer(tiny_config(tmp_path, f"model.precision={precision}"))
+    tr.fit()
+    assert tr.reference is not None and any(m is tr.reference for m in calls)
+    assert any(m is tr.policy for m in calls) == policy_forwards
+
+
 def test_no_kl_term_builds_and_runs_no_reference(tmp_path, monkeypatch):
     calls = []
     forward = trainer_module.response_logprobs
