@@ -442,7 +442,12 @@ class Trainer:
         return copy.deepcopy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
 
     def _hf_generator(self) -> HFGenerator:
-        return HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id, precision=self.precision)
+        # The sampler's entropy stands in for a forward over the responses the update skips; it
+        # is the trainer's own number only where the sampler's log-probs are (fp32).
+        a = self.config.algorithm
+        may_skip = ESTIMATOR_OF[a.name] not in NEEDS_CRITIC and a.kl_in != "loss" and a.entropy_coef == 0
+        return HFGenerator(self.policy, self.tokenizer.eos_token_id, self.pad_id, precision=self.precision,
+                           with_entropy=may_skip and self.precision.name == "fp32")
 
     def _build_learners(self, critic: ValueModel | None) -> None:
         """The critic, optimisers, KL controller and RL random streams, as at RL step 0."""
@@ -743,7 +748,12 @@ class Trainer:
 
     @torch.no_grad()
     def _entropy_of_rows(self, exp: Experience, rows: list[int], sizes) -> None:
-        """The logged entropy of rows the update skips: a forward without a backward."""
+        """The logged entropy of rows the update skips: the sampler's, where it is the trainer's
+        number (`_sampler_logprobs_exact`), else a forward without a backward."""
+        if exp.rollout.entropy is not None and self._sampler_logprobs_exact():
+            index = torch.tensor(rows, device=self.device)
+            exp.entropy[index] = exp.rollout.entropy[index] * exp.sb.mask[index]
+            return
         temp = self.config.rollout.temperature
         for micro, sb in self.micro_batches(exp.sb, rows, sizes, experience=True):
             ent = response_logprobs(self.policy, sb, temp, with_entropy=True, precision=self.precision)[1]

@@ -13,6 +13,8 @@ from test_trainer import rl_rows, tiny_config
 import longcot.engine.trainer as trainer_module
 from longcot.engine import Trainer
 from longcot.engine.config import load_config
+from longcot.engine.data import addition
+from longcot.engine.models import build_char_tokenizer
 
 
 def test_on_policy_update_equals_recomputed_old_logprobs(models):  # noqa: F811
@@ -75,9 +77,9 @@ def test_no_kl_term_builds_and_runs_no_reference(tmp_path, monkeypatch):
     summary = tr.fit()
     assert tr.reference is None and tr.critic is None
     assert not (Path(summary["run_dir"]) / "reference").exists()
-    # One update per rollout and no KL: no experience forward at all; only the logged entropy of
-    # rows the update skips (zero advantage) takes a forward of its own.
-    assert all(calls)
+    # One update per rollout and no KL: no experience forward at all, and the logged entropy of
+    # rows the update skips (zero advantage) is the HF loop's (fp32), not a forward of its own.
+    assert calls == []
     rows = rl_rows(summary["run_dir"])
     assert all("kl" not in r and r["entropy"] is not None and r["approx_kl"] == 0 for r in rows)
     # resuming with a KL term needs the reference the run never saved
@@ -128,3 +130,33 @@ def test_rows_without_advantage_are_skipped_exactly(models, overrides):  # noqa:
     for name, p in full.items():
         assert torch.allclose(skipped[name], p, rtol=0, atol=1e-6), (name, (skipped[name] - p).abs().max().item())
         assert not torch.equal(p, dict(policy.named_parameters())[name]) or "norm" in name, name
+
+
+def test_skipped_rows_take_the_samplers_entropy(models):  # noqa: F811
+    """With the HF loop sampling from the policy in fp32, the logged entropy of the rows the
+    update skips is the sampler's: no forward of their own, and the numbers a forward gives."""
+    policy, _, vocab = models
+    model = copy.deepcopy(policy)
+    cfg = load_config(None, ["algorithm.name=grpo", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+                             "algorithm.kl_coef=0", "algorithm.mini_batch_size=8", "rollout.temperature=1.0"])
+    tr = Trainer.from_models(cfg, model, None)
+    tr.tokenizer = build_char_tokenizer(addition.CHARSET)
+    tr.generator = tr._hf_generator()
+    assert tr.generator.with_entropy
+    prompts = [torch.randint(3, vocab, (5,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+    rollout = tr.generator.generate(prompts, 2, 1.0, 1.0, 12, seed=3)
+    exp = tr.experience(rollout)
+    live = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    exp.advantages = torch.randn(exp.sb.mask.shape, generator=torch.Generator().manual_seed(5)) * exp.sb.mask
+    exp.advantages *= live[:, None]
+    with torch.no_grad():
+        from longcot.engine.policy_forward import response_logprobs
+
+        _, want = response_logprobs(model, exp.sb, 1.0, with_entropy=True)
+    forwarded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: forwarded.append(i[0].shape[0]))
+    tr.update(exp)
+    hook.remove()
+    assert sum(forwarded) == int(live.sum())  # only the rows with an advantage were forwarded
+    assert (exp.entropy - want).abs().max().item() <= 1e-5
+    assert exp.entropy[~live].abs().sum() > 0

@@ -136,18 +136,27 @@ def test_greedy_equals_generate(variant, steps):
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_rollout_contract_and_logprobs(setup, top_p):
     """The sampled tokens' log-probs are log softmax(logits / T) (before top-p), as the trainer
-    recomputes them from the full sequences, within 1e-4."""
+    recomputes them from the full sequences, within 1e-4; so is each step's entropy, when asked
+    for, and asking for it changes no token."""
     tok, model, prompts = setup
     model = _spread(copy.deepcopy(model), seed=2)
     r = _generator(model, tok).generate(prompts, 4, 0.7, top_p, 16, seed=5)
+    assert r.entropy is None
+    gen = _generator(model, tok)
+    gen.with_entropy = True
+    with_ent = gen.generate(prompts, 4, 0.7, top_p, 16, seed=5)
+    assert torch.equal(with_ent.tokens, r.tokens) and torch.equal(with_ent.logprobs, r.logprobs)
     assert r.tokens.shape[0] == 12 and torch.equal(r.prompt_index, torch.arange(3).repeat_interleave(4))
     assert r.prompts == [p for p in prompts for _ in range(4)]
     ends = r.tokens[torch.arange(len(r)), r.lengths - 1] == tok.eos_token_id
     assert torch.equal(ends, ~r.truncated) and (r.lengths <= 16).all() and r.tokens.shape[1] == int(r.lengths.max())
     assert (r.tokens[~r.mask] == tok.pad_token_id).all() and (r.logprobs[~r.mask] == 0).all()
     with torch.no_grad():
-        logp, _ = response_logprobs(model, sequence_batch(r.prompts, r.tokens, r.lengths, tok.pad_token_id), 0.7)
+        logp, ent = response_logprobs(model, sequence_batch(r.prompts, r.tokens, r.lengths, tok.pad_token_id), 0.7,
+                                      with_entropy=True)
     assert torch.allclose(logp[r.mask], r.logprobs[r.mask], atol=1e-4)
+    assert torch.allclose(ent, with_ent.entropy, atol=1e-4) and (with_ent.entropy[~r.mask] == 0).all()
+    assert ent[r.mask].std() > 0.05  # the rows' entropies differ: the check compares something
 
 
 def test_seed_gives_the_same_rollout_and_leaves_the_global_rng(setup):

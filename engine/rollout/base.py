@@ -25,6 +25,8 @@ class Rollout:
     truncated: torch.Tensor  # BoolTensor [B]: stopped by max_new_tokens, no end-of-sequence
     logprobs: torch.Tensor  # FloatTensor [B, T]: log softmax(logits / temperature) of the sampled
     #                         tokens under the sampling policy (before top-p), 0 at padding
+    entropy: torch.Tensor | None = None  # FloatTensor [B, T]: entropy of softmax(logits / T) at
+    #                                      each step, 0 at padding; only from backends asked for it
 
     @property
     def mask(self) -> torch.Tensor:
@@ -40,7 +42,8 @@ class Rollout:
         if self.tokens.device == torch.device(device):
             return self
         return Rollout(self.prompts, *(t.to(device) for t in (self.prompt_index, self.tokens, self.lengths,
-                                                               self.truncated, self.logprobs)))
+                                                               self.truncated, self.logprobs)),
+                       None if self.entropy is None else self.entropy.to(device))
 
 
 class Generator(Protocol):

@@ -23,7 +23,9 @@ and around it:
   definition, `Rollout.logprobs`), computed at the step into a [B, T] tensor: no [B, T, V]
   tensor exists at any point; each step holds a few [B, V] ones;
 - a private `torch.Generator` per call: the same seed gives the same rollout, and the caller's
-  global RNG (and a GPU's) is not touched.
+  global RNG (and a GPU's) is not touched;
+- with ``with_entropy``, the entropy of softmax(logits / T) at each step ([B, T], from the same
+  [B, V] numbers the draw uses): the trainer logs it for responses its update does not forward.
 
 The rollout's tensors stay on the policy's device; with a ``Precision`` the forwards run under
 its autocast (bf16 compute on fp32 master weights). Models whose cache is not plain
@@ -49,10 +51,11 @@ class HFGenerator:
     consecutive batches sharing one random stream. ``check_every`` is the number of decode steps
     between reads of the finished flags (default: every step on the CPU, where the read costs
     nothing; every 8 steps on an accelerator, where each read stalls the queue of kernels).
+    ``with_entropy`` fills `Rollout.entropy` (two more passes over each step's [B, V] logits).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 256,
-                 precision: Precision | None = None, check_every: int | None = None):
+                 precision: Precision | None = None, check_every: int | None = None, with_entropy: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if check_every is not None and check_every < 1:
@@ -63,6 +66,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.precision = precision
         self.check_every = check_every
+        self.with_entropy = with_entropy
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -120,14 +124,15 @@ class HFGenerator:
         logprobs = torch.cat([_pad_right(c[1], steps, 0.0) for c in chunks])
         lengths = torch.cat([c[2] for c in chunks])
         truncated = torch.cat([c[3] for c in chunks])
-        return Rollout(expanded, index, tokens, lengths, truncated, logprobs)
+        entropy = torch.cat([_pad_right(c[4], steps, 0.0) for c in chunks]) if self.with_entropy else None
+        return Rollout(expanded, index, tokens, lengths, truncated, logprobs, entropy)
 
     # --- one batch ---------------------------------------------------------------------------
 
     def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, top_p: float,
                 max_new_tokens: int, gen: torch.Generator, ignore_eos: bool):
-        """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B]) for ``counts[i]`` samples of
-        ``prompts[i]``, B = sum(counts), T = the longest response."""
+        """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B], entropy [B, T] or None) for
+        ``counts[i]`` samples of ``prompts[i]``, B = sum(counts), T = the longest response."""
         model = self.model
         device = next(model.parameters()).device
         batch, width = sum(counts), max(len(p) for p in prompts)
@@ -162,19 +167,22 @@ class HFGenerator:
         check_every = self.check_every or (1 if device.type == "cpu" else 8)
         tokens = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+        ents = torch.zeros_like(logps) if self.with_entropy else None
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         rows: torch.Tensor | None = None  # the original row of each decoded row, once rows were dropped
         pos = lens.clone()
         seen = width  # columns in the cache
         steps = max_new_tokens
         for t in range(max_new_tokens):
-            tok, logp = _sample(logits, temperature, top_p, gen)
+            tok, logp, ent = _sample(logits, temperature, top_p, gen, ents is not None)
             tok = tok.masked_fill_(done, self.pad_token_id)
             logp = logp.masked_fill_(done, 0.0)
             if rows is None:
                 tokens[:, t], logps[:, t] = tok, logp
             else:
                 tokens[rows, t], logps[rows, t] = tok, logp
+            if ents is not None:
+                ents[slice(None) if rows is None else rows, t] = ent.masked_fill_(done, 0.0)
             if t + 1 == max_new_tokens:
                 break
             if not ignore_eos:
@@ -215,23 +223,31 @@ class HFGenerator:
         first_eos = is_eos.int().argmax(dim=1)
         lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, steps))
         longest = int(lengths.max())
-        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos
+        if ents is not None:  # steps after a row's end-of-sequence hold pad tokens, not actions
+            ents = ents[:, :longest] * (torch.arange(longest, device=device)[None, :] < lengths[:, None])
+        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos, ents
 
 
 # --- sampling ----------------------------------------------------------------------------------
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
-    """(token [B], its log-prob [B]) from fp32 logits [B, V]: greedy at temperature 0 (log-prob of
-    the raw logits), else a draw from softmax(logits / T), restricted to the top-p nucleus when
-    ``top_p < 1``; the log-prob is log softmax(logits / T) before top-p either way."""
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
-    scaled = logits / temperature
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
+            with_entropy: bool = False):
+    """(token [B], its log-prob [B], entropy [B] or None) from fp32 logits [B, V]: greedy at
+    temperature 0 (log-prob of the raw logits), else a draw from softmax(logits / T), restricted to
+    the top-p nucleus when ``top_p < 1``; the log-prob and the entropy are of softmax(logits / T)
+    before top-p either way (of the raw logits when greedy)."""
+    scaled = logits / temperature if temperature > 0 else logits
     top = scaled.amax(-1, keepdim=True)
     weights = (scaled - top).exp_()  # softmax(logits / T) times its normaliser
-    lse = top.squeeze(1) + weights.sum(-1).log()
+    total = weights.sum(-1)
+    lse = top.squeeze(1) + total.log()
+    ent = None
+    if with_entropy:  # H = log Z - E_p[scaled]; a token of logit -inf adds 0 (not 0 * -inf)
+        ent = lse - top.squeeze(1) - (weights * (scaled - top)).nan_to_num_(0.0).sum(-1) / total
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.gather(1, tok[:, None]).squeeze(1) - lse, ent
     if top_p < 1:
         weights = top_p_filter(weights, top_p)
     # Inverse-CDF draw: one uniform per row. The exponential race (argmax p / Exp(1), what
@@ -242,7 +258,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     cdf = weights.cumsum(-1, dtype=torch.float64)
     u = torch.rand((cdf.shape[0], 1), generator=gen, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    return tok, scaled.gather(1, tok[:, None]).squeeze(1) - lse
+    return tok, scaled.gather(1, tok[:, None]).squeeze(1) - lse, ent
 
 
 def top_p_filter(weights: torch.Tensor, top_p: float) -> torch.Tensor:
