@@ -11,14 +11,26 @@ import sys
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.generation.logits_process import TopPLogitsWarper
 
+import longcot.engine.rollout.hf as hf_module
 from longcot.engine.data import CHARSET
 from longcot.engine.models import build_char_tokenizer, build_tiny_model
 from longcot.engine.policy_forward import response_logprobs, sequence_batch
 from longcot.engine.rollout import HFGenerator
-from longcot.engine.rollout.hf import _preallocatable, top_p_filter
+from longcot.engine.rollout.hf import _native_layers, _preallocatable, top_p_filter
 
 NEVER = 10**6  # an end-of-sequence id outside the vocabulary: decoding runs to max_new_tokens
 
@@ -91,14 +103,37 @@ def _sliding_window_twin(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     return twin
 
 
+FAMILIES = {  # other Llama-family models the native decode step runs: grouped-query heads, q/k norms
+    "llama-gqa": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def _family_model(variant: str, vocab: int) -> torch.nn.Module:
+    config_cls, model_cls = FAMILIES[variant]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                     sliding_window=None, tie_word_embeddings=False)
+    return _spread(model_cls(cfg))
+
+
 @pytest.mark.parametrize("variant, steps", [("preallocated", 24), ("sliding-window", 24),
-                                            ("preallocated", 160)])  # 160: the cache grows mid-decode
-def test_greedy_equals_generate(variant, steps):
+                                            ("preallocated", 160),  # 160: the cache grows mid-decode
+                                            ("llama-gqa", 24), ("mistral", 24), ("qwen3", 24)])
+def test_greedy_equals_generate(variant, steps, monkeypatch):
     tok = build_char_tokenizer(CHARSET)
-    model = _spread(build_tiny_model(tok, layers=2, hidden=64, heads=2, seed=3))
+    if variant in FAMILIES:
+        model = _family_model(variant, len(tok))
+    else:
+        model = _spread(build_tiny_model(tok, layers=2, hidden=64, heads=2, seed=3))
     if variant == "sliding-window":
         model = _sliding_window_twin(model)
-    assert _preallocatable(model) == (variant == "preallocated")
+    assert _preallocatable(model) == (variant != "sliding-window")
+    assert _native_layers(model) == (variant != "sliding-window")
+    native_steps = []
+    step = hf_module._native_decode_step
+    monkeypatch.setattr(hf_module, "_native_decode_step", lambda *a: native_steps.append(1) or step(*a))
     texts = ["12+7=", "3+4=", "100+23=", "9=", "55+55+55=", "8+80=", "1+2+3+4="]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = _eos_for_mixed_endings(_hf_greedy(model, prompts, NEVER, tok.pad_token_id, steps))
@@ -107,8 +142,8 @@ def test_greedy_equals_generate(variant, steps):
     ref_len = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, steps)
     assert (ref_len < steps).sum() >= 2 and (~is_eos.any(1)).sum() >= 2  # both endings occur
 
-    rows = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    rows = []  # rows embedded per forward: the model's (prefill) or the native decode step's
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     try:
         n = 2
         r = HFGenerator(model, eos, tok.pad_token_id).generate(prompts, n, 0.0, 1.0, steps, seed=0)
@@ -121,9 +156,10 @@ def test_greedy_equals_generate(variant, steps):
     assert torch.equal(r.truncated, ~is_eos.any(1).repeat_interleave(n))
     # One prefill of the distinct prompts (the preallocated cache copies it to both samples),
     # then decode steps whose batch shrinks as rows end.
-    assert rows[0] == (len(prompts) if variant == "preallocated" else n * len(prompts))
+    assert rows[0] == (n * len(prompts) if variant == "sliding-window" else len(prompts))
     assert rows[1] == n * len(prompts) and rows[-1] == n * int((ref_len == ref_len.max()).sum())
     assert len(rows) == int(ref_len.max())  # prefill + one forward per step but the last
+    assert len(native_steps) == (0 if variant == "sliding-window" else len(rows) - 1)
     # Greedy log-probs are of the raw logits (temperature 1) under the trainer's definition.
     with torch.no_grad():
         logp, _ = response_logprobs(model, sequence_batch(r.prompts, r.tokens, r.lengths, tok.pad_token_id), 1.0)
@@ -250,7 +286,18 @@ def test_ignore_eos_and_bad_arguments(setup):
 # the tensors alive at once rather than the allocator's high-water mark.
 _PEAK_SCRIPT = r"""
 import json, resource, torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from longcot.engine.rollout import HFGenerator
 torch.set_num_threads(1)
 V, B, T = 151_936, 8, 256
@@ -279,3 +326,13 @@ def test_long_rollout_holds_no_batch_by_steps_by_vocab_tensor():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["shape"] == [8, 256]
     assert res["extra"] < res["bound"] / 4, res
+
+
+def test_native_decode_step_only_for_the_llama_family():
+    """A family whose layers differ (Gemma: scaled embeddings, (1 + w) norms) takes the model forward."""
+    cfg = GemmaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    assert _preallocatable(GemmaForCausalLM(cfg)) and not _native_layers(GemmaForCausalLM(cfg))
+    eager = _family_model("qwen3", 40)
+    eager.config._attn_implementation = "eager"  # the user's choice of attention is kept
+    assert not _native_layers(eager)

@@ -13,6 +13,11 @@ and around it:
   concatenates, copying the whole cache every step; its `StaticCache` attends over its full
   length every step (the masked tail included). Both were slower here (README: the rollout
   loop);
+- for the Llama family (Llama, Mistral, Qwen2, Qwen3: `_native_layers`), the decode step runs the
+  model's own modules (embedding, rotary table, norms, projections, MLP, head) in a loop of its
+  own, without the model forward's per-call work (output capture, mask construction, the cache
+  and attention dispatch): one step at 128 rows of the built-in model took 13% less time here,
+  with the same logits (README: the rollout loop);
 - rows that end (end-of-sequence) leave the decode batch: every ``check_every`` steps one host
   read of the finished flags decides whether to stop or to drop the finished rows from the
   cache, so the long tail of a batch is not decoded at the batch's width. That read is the
@@ -36,6 +41,7 @@ full-attention layers (sliding windows, linear attention) take the same loop on 
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -137,6 +143,7 @@ class HFGenerator:
         device = next(model.parameters()).device
         batch, width = sum(counts), max(len(p) for p in prompts)
         fast = _preallocatable(model)
+        native = fast and _native_layers(model)
         if not fast:  # transformers' own cache layers: prefill every row
             prompts = [p for p, c in zip(prompts, counts) for _ in range(c)]
             counts = [1] * batch
@@ -209,10 +216,13 @@ class HFGenerator:
                     mask = attend[:, None, None, : seen + 1] if padded else None
                 else:
                     mask = attend[:, : seen + 1].long() if padded else None
-                out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            del out
+                if native:
+                    logits = _native_decode_step(model, tok, pos, cache, mask).float()
+                else:
+                    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
+                                past_key_values=cache, use_cache=True)
+                    logits = out.logits[:, -1].float()
+                    del out
             pos += 1
             seen += 1
         tokens, logps = tokens[:, :steps], logps[:, :steps]
@@ -270,6 +280,61 @@ def top_p_filter(weights: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = cum <= (1 - top_p) * cum[:, -1:]
     drop[:, -1] = False
     return weights.scatter(-1, order, sorted_w.masked_fill_(drop, 0.0))
+
+
+# --- the decode step of the Llama family -----------------------------------------------------
+
+# Attention classes whose forward is, for one query per row: q/k/v projections (q_norm/k_norm per
+# head where present), the module's rotary embedding, the cache update, softmax attention with the
+# module's scaling, o_proj; inside a pre-norm decoder layer with a residual around attention and
+# around the MLP. Others (sliding windows, soft-capping, gated attention) take the model forward.
+_NATIVE_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+
+
+def _native_layers(model: torch.nn.Module) -> bool:
+    """Whether `_native_decode_step` computes exactly what ``model``'s forward does (checked per
+    rollout: the model's attention setting may change between them)."""
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    ok = (body is not None and layers is not None and len(layers) > 0
+          and all(hasattr(body, a) for a in ("embed_tokens", "rotary_emb", "norm"))
+          and hasattr(model, "lm_head") and getattr(model.config, "_attn_implementation", None) == "sdpa"
+          and not getattr(model.config, "final_logit_softcapping", None))
+    for layer in layers if ok else ():
+        attn = getattr(layer, "self_attn", None)
+        ok = ok and (type(attn).__name__ in _NATIVE_ATTENTION and getattr(attn, "sliding_window", None) is None
+                     and all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
+                     and type(layer).__module__ == type(attn).__module__)
+    return bool(ok)
+
+
+def _native_decode_step(model: torch.nn.Module, tok: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+    """The last-position logits [B, V] of one token per row (``tok``, ``pos`` [B]) over ``cache``,
+    as ``model(input_ids=tok[:, None], ...)`` computes them, through the model's own modules."""
+    body = model.model
+    x = body.embed_tokens(tok[:, None])
+    cos, sin = body.rotary_emb(x, pos[:, None])
+    rows = x.shape[0]
+    for layer, kv in zip(body.layers, cache.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (rows, 1, -1, attn.head_dim)
+        q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _rope(layer, q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        keys, values = kv.update(k, attn.v_proj(h).view(shape).transpose(1, 2))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(body.norm(x))[:, -1]
+
+
+def _rope(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The layer's own module's `apply_rotary_pos_emb` (the families agree, but their code is theirs)."""
+    return sys.modules[type(layer).__module__].apply_rotary_pos_emb(q, k, cos, sin)
 
 
 # --- the KV cache ------------------------------------------------------------------------------
