@@ -153,7 +153,7 @@ def _decode_with(model, kind: str, ids: torch.Tensor, new_tokens: int, seed: int
     filled = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool)  # the static cache's mask
     filled[..., :width] = True
     for t in range(new_tokens - 1):
-        tok = _sample(logits, TEMPERATURE, 1.0, gen)[0]
+        tok = _sample(logits, TEMPERATURE, 1.0, torch.rand(logits.shape[0], generator=gen, dtype=torch.float64))[0]
         mask = None
         if kind == "static":
             filled[..., width + t] = True

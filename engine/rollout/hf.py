@@ -27,7 +27,10 @@ and around it:
   and the sampled token's log-prob, log softmax(logits / T) before top-p (the trainer's
   definition, `Rollout.logprobs`), computed at the step into a [B, T] tensor: no [B, T, V]
   tensor exists at any point; each step holds a few [B, V] ones;
-- a private `torch.Generator` per call: the same seed gives the same rollout, and the caller's
+- counter-based random numbers: the uniform that draws response k's token at step t is a hash of
+  (seed, k, t) (`_uniforms`, splitmix64 on int64 tensors), so a response's tokens do not depend on
+  which other rows share its batch, when they end, or how the prompts are split into batches or
+  across processes (``first_response``); the same seed gives the same rollout, and the caller's
   global RNG (and a GPU's) is not touched;
 - with ``with_entropy``, the entropy of softmax(logits / T) at each step ([B, T], from the same
   [B, V] numbers the draw uses): the trainer logs it for responses its update does not forward.
@@ -41,6 +44,7 @@ full-attention layers (sliding windows, linear attention) take the same loop on 
 from __future__ import annotations
 
 import inspect
+import secrets
 import sys
 
 import torch
@@ -87,10 +91,13 @@ class HFGenerator:
         max_new_tokens: int,
         seed: int | None = None,
         ignore_eos: bool = False,
+        first_response: int = 0,
     ) -> Rollout:
         """Sample ``n`` responses per prompt; ``temperature=0`` decodes greedily (log-probs then of
         the raw logits). ``ignore_eos`` decodes ``max_new_tokens`` for every row (benchmarks);
-        the rows are then all marked truncated."""
+        the rows are then all marked truncated. ``first_response``: the index of this call's first
+        response in a larger rollout split across calls (a data-parallel rank's offset): with the
+        same seed, the split calls sample what one call over all prompts samples."""
         check_generate_args(prompts, n, max_new_tokens)
         if not temperature >= 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
@@ -99,11 +106,11 @@ class HFGenerator:
         device = next(self.model.parameters()).device
         expanded = [p for p in prompts for _ in range(n)]
         index = torch.arange(len(prompts), device=device).repeat_interleave(n)
-        gen = torch.Generator(device=device)
-        if seed is None:
-            gen.seed()  # fresh entropy, not drawn from (so not moving) the global RNG
-        else:
-            gen.manual_seed(seed)
+        if first_response < 0:
+            raise ValueError(f"first_response: expected >= 0, got {first_response}")
+        # Fresh entropy when unseeded, not drawn from (so not moving) the global RNG.
+        key = _mix64(torch.tensor(secrets.randbits(63) if seed is None else seed % 2**63, dtype=torch.int64,
+                                  device=device))
         was_training = self.model.training
         self.model.eval()
         chunks = []
@@ -122,7 +129,10 @@ class HFGenerator:
                 # Inference mode drops autograd's per-op bookkeeping (version counters, views) that
                 # no_grad keeps; the torch.cat below turns the results into ordinary tensors.
                 with torch.inference_mode():
-                    chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, gen, ignore_eos))
+                    row_keys = _mix64(key + _GOLDEN * torch.arange(first_response + start, first_response + rows.stop,
+                                                                    device=device))
+                    chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, row_keys,
+                                               ignore_eos))
         finally:
             self.model.train(was_training)
         steps = max(c[0].shape[1] for c in chunks)
@@ -136,7 +146,7 @@ class HFGenerator:
     # --- one batch ---------------------------------------------------------------------------
 
     def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, top_p: float,
-                max_new_tokens: int, gen: torch.Generator, ignore_eos: bool):
+                max_new_tokens: int, row_keys: torch.Tensor, ignore_eos: bool):
         """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B], entropy [B, T] or None) for
         ``counts[i]`` samples of ``prompts[i]``, B = sum(counts), T = the longest response."""
         model = self.model
@@ -181,7 +191,8 @@ class HFGenerator:
         seen = width  # columns in the cache
         steps = max_new_tokens
         for t in range(max_new_tokens):
-            tok, logp, ent = _sample(logits, temperature, top_p, gen, ents is not None)
+            u = _uniforms(row_keys, t) if temperature > 0 else None
+            tok, logp, ent = _sample(logits, temperature, top_p, u, ents is not None)
             tok = tok.masked_fill_(done, self.pad_token_id)
             logp = logp.masked_fill_(done, 0.0)
             if rows is None:
@@ -207,6 +218,7 @@ class HFGenerator:
                         cache.batch_select_indices(keep)
                         rows = keep if rows is None else rows[keep]
                         tok, done, pos, attend = tok[keep], done[keep], pos[keep], attend[keep]
+                        row_keys = row_keys[keep]
                         prompt_lens = [prompt_lens[i] for i in left]
                         padded = min(prompt_lens) < width
             with autocast(self.precision):
@@ -241,12 +253,33 @@ class HFGenerator:
 # --- sampling ----------------------------------------------------------------------------------
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: splitmix64's increment
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps; the right shifts are masked
+    to be logical): distinct inputs give well-spread, independent-looking outputs."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _uniforms(row_keys: torch.Tensor, step: int) -> torch.Tensor:
+    """[B] float64 uniforms in [0, 1), one per row, a function of (row key, step) only."""
+    offset = (_GOLDEN * (step + 1) + 2**63) % 2**64 - 2**63  # wrapped to int64, as tensors wrap
+    bits = _mix64(row_keys + offset)
+    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None,
             with_entropy: bool = False):
     """(token [B], its log-prob [B], entropy [B] or None) from fp32 logits [B, V]: greedy at
-    temperature 0 (log-prob of the raw logits), else a draw from softmax(logits / T), restricted to
-    the top-p nucleus when ``top_p < 1``; the log-prob and the entropy are of softmax(logits / T)
-    before top-p either way (of the raw logits when greedy)."""
+    temperature 0 (log-prob of the raw logits), else a draw from softmax(logits / T) by the row's
+    uniform ``u`` [B] (float64 in [0, 1)), restricted to the top-p nucleus when ``top_p < 1``; the
+    log-prob and the entropy are of softmax(logits / T) before top-p either way (of the raw logits
+    when greedy)."""
     scaled = logits / temperature if temperature > 0 else logits
     top = scaled.amax(-1, keepdim=True)
     weights = (scaled - top).exp_()  # softmax(logits / T) times its normaliser
@@ -266,8 +299,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     # its rounding stays far below any probability that matters; a token of weight 0 spans an
     # empty interval and is never drawn.
     cdf = weights.cumsum(-1, dtype=torch.float64)
-    u = torch.rand((cdf.shape[0], 1), generator=gen, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return tok, scaled.gather(1, tok[:, None]).squeeze(1) - lse, ent
 
 
