@@ -147,6 +147,22 @@ class SFTConfig:
 
 
 @dataclass
+class StopOnRepetitionConfig:
+    # End a response as soon as the n-gram its newest token completes has occurred min_repeats
+    # times (this one included): it is looping, and the rest of its budget could only be
+    # penalised. Scored as truncated (the cosine reward's exceed penalty) plus the repetition
+    # penalty on the tokens it has. RL rollouts on the HF backend; evaluations decode to the end.
+    enabled: bool = False
+    n: int = 20
+    min_repeats: int = 4
+
+    def check(self) -> None:
+        _positive(self, "n")
+        if self.min_repeats < 2:
+            raise ConfigError(f"min_repeats: expected >= 2 (an n-gram seen again), got {self.min_repeats}")
+
+
+@dataclass
 class RolloutConfig:
     # "hf": Hugging Face `generate` on the policy module itself; "vllm": an in-process vLLM
     # engine whose weights are updated in place after every step; "auto": hf, measured faster
@@ -164,6 +180,7 @@ class RolloutConfig:
     # Twice the built-in task's ~45-token answers: the cosine reward's scale is this limit, and
     # at 64 its slope rewarded longer wrong answers almost as much as a correct one.
     max_new_tokens: int = 128
+    stop_on_repetition: StopOnRepetitionConfig = field(default_factory=StopOnRepetitionConfig)
 
     def check(self) -> None:
         _positive(self, "prompts_per_step", "samples_per_prompt", "temperature", "max_new_tokens")
@@ -172,6 +189,9 @@ class RolloutConfig:
         _positive(self, "vllm_kv_cache_gib")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}")
+        if self.stop_on_repetition.enabled and self.backend == "vllm":
+            raise ConfigError("stop_on_repetition.enabled: the vllm backend does not stop looping responses yet "
+                              "(rollout.backend=hf does)")
         if self.backend == "vllm":
             import importlib.util
 

@@ -532,8 +532,12 @@ class Trainer:
         t = time.perf_counter()
         idx = self.sampler.take(cfg.rollout.prompts_per_step)
         r = cfg.rollout
+        # Only the RL rollouts stop looping responses early; evaluations decode to the end.
+        stop = {"stop_on_repetition": (r.stop_on_repetition.n, r.stop_on_repetition.min_repeats)} \
+            if r.stop_on_repetition.enabled else {}
         rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
-                                          r.temperature, r.top_p, r.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+                                          r.temperature, r.top_p, r.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
+                                          **stop)
         rollout = rollout.to(self.device)  # a no-op for HF; vLLM hands back host tensors
         answers = [self.setup.train.answers[idx[i]] for i in rollout.prompt_index.tolist()]
         times["rollout"], t = time.perf_counter() - t, time.perf_counter()
@@ -777,6 +781,11 @@ class Trainer:
             "entropy": (exp.entropy * mask).sum() / valid,
             "generated": lengths.sum(),
         }
+        if rollout.repetition_stop is not None:  # stopped for looping: truncated, not over the limit
+            looped = rollout.repetition_stop
+            on_device["exceed_rate"] = (rollout.truncated & ~looped).float().mean()
+            on_device["stop/repetition"] = looped.float().mean()
+            on_device["stop/tokens_saved"] = ((self.config.rollout.max_new_tokens - lengths) * looped).sum()
         if kl is not None:  # absent, not 0, without a reference
             on_device["kl"] = kl.sum() / valid
         device = rewards.device

@@ -23,6 +23,13 @@ from .repetition import (
     repetition_ratio,
     repetition_ratio_reference,
 )
+from .repetition_update import (
+    RepetitionState,
+    RepetitionStep,
+    repetition_state,
+    repetition_update,
+    repetition_update_reference,
+)
 from .returns import discounted_returns, discounted_returns_reference
 from .token_rewards import token_rewards, token_rewards_reference
 
@@ -31,6 +38,8 @@ __all__ = [
     "BACKENDS",
     "ESTIMATORS",
     "RATIOS",
+    "RepetitionState",
+    "RepetitionStep",
     "discounted_returns",
     "dispatch_counts",
     "discounted_returns_reference",
@@ -49,6 +58,9 @@ __all__ = [
     "repetition_mask_reference",
     "repetition_ratio",
     "repetition_ratio_reference",
+    "repetition_state",
+    "repetition_update",
+    "repetition_update_reference",
     "requested_backend",
     "reset_dispatch_counts",
     "token_logprobs",

@@ -378,3 +378,59 @@ def test_native_decode_step_only_for_the_llama_family():
     eager = _family_model("qwen3", 40)
     eager.config._attn_implementation = "eager"  # the user's choice of attention is kept
     assert not _native_layers(eager)
+
+
+def _first_repeat_stop(row: list[int], n: int, k: int, eos: int) -> int | None:
+    """Reference: the length at which the row is stopped (the token completing an n-gram's k-th
+    occurrence), or None if it ends (end-of-sequence) or runs out first."""
+    counts: dict[tuple[int, ...], int] = {}
+    for t, token in enumerate(row):
+        if token == eos:
+            return None
+        if t + 1 >= n:
+            gram = tuple(row[t + 1 - n : t + 1])
+            counts[gram] = counts.get(gram, 0) + 1
+            if counts[gram] >= k:
+                return t + 1
+    return None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_stop_on_repetition_ends_looping_rows_only(setup, temperature):
+    """A row whose newest token completes an n-gram's k-th occurrence ends there (flagged, truncated,
+    no end-of-sequence); every other row is bit-identical to the run without the rule."""
+    tok, model, prompts = setup
+    looping = copy.deepcopy(model)  # initializer_range 0.02: greedy decoding repeats itself
+    n, k, steps = 3, 3, 40
+    for m in (looping, _spread(copy.deepcopy(model), seed=2)):
+        endless = HFGenerator(m, NEVER, tok.pad_token_id).generate(prompts, 4, temperature, 1.0, steps, seed=3)
+        eos = _eos_for_mixed_endings(endless.tokens) if m is not looping else NEVER
+        base = HFGenerator(m, eos, tok.pad_token_id).generate(prompts, 4, temperature, 1.0, steps, seed=3)
+        stopped = HFGenerator(m, eos, tok.pad_token_id).generate(prompts, 4, temperature, 1.0, steps, seed=3,
+                                                                stop_on_repetition=(n, k))
+        assert base.repetition_stop is None and stopped.repetition_stop is not None
+        expect = [_first_repeat_stop(row, n, k, eos) for row in base.tokens.tolist()]
+        assert stopped.repetition_stop.tolist() == [e is not None for e in expect]
+        for i, e in enumerate(expect):
+            if e is None:  # untouched: the same tokens; log-probs up to the rounding of a batch
+                width = int(base.lengths[i])  # that other rows left earlier
+                assert int(stopped.lengths[i]) == width and bool(stopped.truncated[i]) == bool(base.truncated[i])
+                assert torch.equal(stopped.tokens[i, :width], base.tokens[i, :width])
+                assert torch.allclose(stopped.logprobs[i, :width], base.logprobs[i, :width], atol=1e-6)
+            else:  # ends at the repeat, the rest padding
+                assert int(stopped.lengths[i]) == e and bool(stopped.truncated[i])
+                assert torch.equal(stopped.tokens[i, :e], base.tokens[i, :e])
+                assert (stopped.tokens[i, e:] == tok.pad_token_id).all() and (stopped.logprobs[i, e:] == 0).all()
+        if m is looping and temperature == 0:
+            assert all(e is not None for e in expect)  # every row looped and stopped early
+            assert stopped.stop_reasons() == ["repetition"] * len(stopped)
+        elif m is not looping:  # some rows stop, some do not
+            assert any(e is None for e in expect) and any(e is not None for e in expect), expect
+            # A rollout where nothing loops is bit-identical with the rule on and off.
+            calm = HFGenerator(m, eos, tok.pad_token_id).generate(prompts, 4, temperature, 1.0, steps, seed=3,
+                                                                 stop_on_repetition=(30, 2))
+            assert not calm.repetition_stop.any()
+            for name in ("tokens", "logprobs", "lengths", "truncated"):
+                assert torch.equal(getattr(calm, name), getattr(base, name)), name
+    with pytest.raises(ValueError, match="stop_on_repetition"):
+        HFGenerator(model, NEVER, tok.pad_token_id).generate(prompts, 1, 0.7, 1.0, 4, stop_on_repetition=(3, 1))

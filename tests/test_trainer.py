@@ -11,6 +11,7 @@ import torch
 
 from longcot.engine import TrainConfig, Trainer
 from longcot.engine.config import load_config
+from longcot.engine.rollout import HFGenerator
 
 LONGCOT = str(Path(sys.executable).with_name("longcot"))
 
@@ -131,3 +132,23 @@ def test_trainer_probes_validation_during_sft(tmp_path):
 
 def test_api_exports():
     assert TrainConfig().algorithm.name == "ppo"
+
+
+def test_rollouts_stop_looping_responses_when_asked(tmp_path, monkeypatch):
+    """rollout.stop_on_repetition: RL rollouts end looping responses early (scored as truncated:
+    the exceed penalty), the metrics count them and the tokens saved; evaluations decode to the
+    end."""
+    calls = []
+    generate = HFGenerator.generate
+    monkeypatch.setattr(HFGenerator, "generate",
+                        lambda self, *a, **k: calls.append(k.get("stop_on_repetition")) or generate(self, *a, **k))
+    # The untrained tiny model repeats itself: a 2-gram seen twice stops most rows at once.
+    cfg = tiny_config(tmp_path, "sft.enabled=false", "rollout.stop_on_repetition.enabled=true",
+                      "rollout.stop_on_repetition.n=2", "rollout.stop_on_repetition.min_repeats=2")
+    tr = Trainer(cfg)
+    summary = tr.fit()
+    assert (2, 2) in calls and None in calls  # RL rollouts stop; the evaluations (greedy) do not
+    rows = rl_rows(summary["run_dir"])
+    for r in rows:
+        assert 0 < r["stop/repetition"] <= 1 and r["stop/tokens_saved"] > 0
+        assert r["exceed_rate"] + r["stop/repetition"] <= 1

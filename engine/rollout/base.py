@@ -27,6 +27,14 @@ class Rollout:
     #                         tokens under the sampling policy (before top-p), 0 at padding
     entropy: torch.Tensor | None = None  # FloatTensor [B, T]: entropy of softmax(logits / T) at
     #                                      each step, 0 at padding; only from backends asked for it
+    repetition_stop: torch.Tensor | None = None  # BoolTensor [B]: ended early for repeating an
+    #                                              n-gram (truncated too); None: no such stopping
+
+    def stop_reasons(self) -> list[str]:
+        """Per response: "eos", "length" (max_new_tokens) or "repetition" (stopped early)."""
+        looped = self.repetition_stop.tolist() if self.repetition_stop is not None else [False] * len(self)
+        return ["repetition" if stop else "length" if cut else "eos"
+                for cut, stop in zip(self.truncated.tolist(), looped)]
 
     @property
     def mask(self) -> torch.Tensor:
@@ -43,7 +51,7 @@ class Rollout:
             return self
         return Rollout(self.prompts, *(t.to(device) for t in (self.prompt_index, self.tokens, self.lengths,
                                                                self.truncated, self.logprobs)),
-                       None if self.entropy is None else self.entropy.to(device))
+                       *(None if t is None else t.to(device) for t in (self.entropy, self.repetition_stop)))
 
 
 class Generator(Protocol):

@@ -50,6 +50,8 @@ import sys
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from longcot.kernels import repetition_state, repetition_update
+
 from ..device import Precision, autocast
 from .base import Rollout, check_generate_args
 
@@ -92,12 +94,17 @@ class HFGenerator:
         seed: int | None = None,
         ignore_eos: bool = False,
         first_response: int = 0,
+        stop_on_repetition: tuple[int, int] | None = None,
     ) -> Rollout:
         """Sample ``n`` responses per prompt; ``temperature=0`` decodes greedily (log-probs then of
         the raw logits). ``ignore_eos`` decodes ``max_new_tokens`` for every row (benchmarks);
         the rows are then all marked truncated. ``first_response``: the index of this call's first
         response in a larger rollout split across calls (a data-parallel rank's offset): with the
-        same seed, the split calls sample what one call over all prompts samples."""
+        same seed, the split calls sample what one call over all prompts samples.
+        ``stop_on_repetition=(n, k)`` ends a response at the token that completes the k-th
+        occurrence of an n-gram in it (`longcot.kernels.repetition_update`, on the device, each
+        step); such a response is truncated (no end-of-sequence) and flagged in
+        `Rollout.repetition_stop`."""
         check_generate_args(prompts, n, max_new_tokens)
         if not temperature >= 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
@@ -108,6 +115,8 @@ class HFGenerator:
         index = torch.arange(len(prompts), device=device).repeat_interleave(n)
         if first_response < 0:
             raise ValueError(f"first_response: expected >= 0, got {first_response}")
+        if stop_on_repetition is not None and (stop_on_repetition[0] < 1 or stop_on_repetition[1] < 2):
+            raise ValueError(f"stop_on_repetition: expected (n >= 1, min_repeats >= 2), got {stop_on_repetition}")
         # Fresh entropy when unseeded, not drawn from (so not moving) the global RNG.
         key = _mix64(torch.tensor(secrets.randbits(63) if seed is None else seed % 2**63, dtype=torch.int64,
                                   device=device))
@@ -132,7 +141,7 @@ class HFGenerator:
                     row_keys = _mix64(key + _GOLDEN * torch.arange(first_response + start, first_response + rows.stop,
                                                                     device=device))
                     chunks.append(self._decode(groups, counts, temperature, top_p, max_new_tokens, row_keys,
-                                               ignore_eos))
+                                               ignore_eos, stop_on_repetition))
         finally:
             self.model.train(was_training)
         steps = max(c[0].shape[1] for c in chunks)
@@ -141,14 +150,17 @@ class HFGenerator:
         lengths = torch.cat([c[2] for c in chunks])
         truncated = torch.cat([c[3] for c in chunks])
         entropy = torch.cat([_pad_right(c[4], steps, 0.0) for c in chunks]) if self.with_entropy else None
-        return Rollout(expanded, index, tokens, lengths, truncated, logprobs, entropy)
+        looped = torch.cat([c[5] > 0 for c in chunks]) if stop_on_repetition is not None else None
+        return Rollout(expanded, index, tokens, lengths, truncated, logprobs, entropy, looped)
 
     # --- one batch ---------------------------------------------------------------------------
 
     def _decode(self, prompts: list[list[int]], counts: list[int], temperature: float, top_p: float,
-                max_new_tokens: int, row_keys: torch.Tensor, ignore_eos: bool):
-        """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B], entropy [B, T] or None) for
-        ``counts[i]`` samples of ``prompts[i]``, B = sum(counts), T = the longest response."""
+                max_new_tokens: int, row_keys: torch.Tensor, ignore_eos: bool,
+                stop_on_repetition: tuple[int, int] | None):
+        """(tokens [B, T], log-probs [B, T], lengths [B], truncated [B], entropy [B, T] or None, the
+        length of each row ended for repeating (0 where not) [B] or None) for ``counts[i]`` samples of
+        ``prompts[i]``, B = sum(counts), T = the longest response."""
         model = self.model
         device = next(model.parameters()).device
         batch, width = sum(counts), max(len(p) for p in prompts)
@@ -186,6 +198,11 @@ class HFGenerator:
         logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
         ents = torch.zeros_like(logps) if self.with_entropy else None
         done = torch.zeros(batch, dtype=torch.bool, device=device)
+        rep, looped = None, None
+        if stop_on_repetition is not None:
+            n, min_repeats = stop_on_repetition
+            rep = repetition_state(batch, max_new_tokens, n, device)
+            looped = torch.zeros(batch, dtype=torch.long, device=device)
         rows: torch.Tensor | None = None  # the original row of each decoded row, once rows were dropped
         pos = lens.clone()
         seen = width  # columns in the cache
@@ -201,10 +218,17 @@ class HFGenerator:
                 tokens[rows, t], logps[rows, t] = tok, logp
             if ents is not None:
                 ents[slice(None) if rows is None else rows, t] = ent.masked_fill_(done, 0.0)
+            if rep is not None:
+                occurrences = repetition_update(rep, tok, active=~done)[0]
+                stop = (occurrences >= min_repeats) & ~done & (tok != self.eos_token_id)
+                at = slice(None) if rows is None else rows
+                looped[at] = torch.where(stop, t + 1, looped[at])
+                done |= stop
             if t + 1 == max_new_tokens:
                 break
             if not ignore_eos:
                 done |= tok == self.eos_token_id
+            if not ignore_eos or rep is not None:
                 if (t + 1) % check_every == 0:
                     flags = done.tolist()  # the loop's one host read
                     left = [i for i, f in enumerate(flags) if not f]
@@ -219,6 +243,8 @@ class HFGenerator:
                         rows = keep if rows is None else rows[keep]
                         tok, done, pos, attend = tok[keep], done[keep], pos[keep], attend[keep]
                         row_keys = row_keys[keep]
+                        if rep is not None:
+                            rep = rep.select(keep)
                         prompt_lens = [prompt_lens[i] for i in left]
                         padded = min(prompt_lens) < width
             with autocast(self.precision):
@@ -244,10 +270,12 @@ class HFGenerator:
         has_eos = is_eos.any(dim=1)
         first_eos = is_eos.int().argmax(dim=1)
         lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, steps))
+        if looped is not None:  # a looping row ends at the token that completed its repeat
+            lengths = torch.where(looped > 0, looped, lengths)
         longest = int(lengths.max())
         if ents is not None:  # steps after a row's end-of-sequence hold pad tokens, not actions
             ents = ents[:, :longest] * (torch.arange(longest, device=device)[None, :] < lengths[:, None])
-        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos, ents
+        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos, ents, looped
 
 
 # --- sampling ----------------------------------------------------------------------------------
