@@ -17,6 +17,12 @@ def _bench(args: argparse.Namespace) -> int:
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
         return step.run(device=args.device, small=args.small, json_path=args.json, lengths=lengths,
                         batch=args.batch, budget=args.budget, threads=args.threads)
+    if args.suite == "compile":
+        from longcot.bench import compile as compile_bench
+
+        if args.device != "cpu":
+            raise SystemExit("longcot bench compile: compiles for GPU targets without one (no --device)")
+        return compile_bench.run(small=args.small, json_path=args.json)
     if args.suite == "peers":
         from longcot.bench import peers
 
@@ -104,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
-    bench.add_argument("suite", choices=["kernels", "step", "peers"],
+    bench.add_argument("suite", choices=["kernels", "step", "peers", "compile"],
                        help="kernels: per-op microbenchmarks; step: experience + PPO update at long lengths, "
                             "padded vs token-budget micro-batches, with and without checkpointing; peers: "
-                            "longcot's GRPO against TRL's GRPOTrainer on the built-in task, same settings")
+                            "longcot's GRPO against TRL's GRPOTrainer on the built-in task, same settings; "
+                            "compile: every Triton launch variant compiled for sm_80, sm_89 and sm_90 without "
+                            "a GPU (registers, spills, shared memory, occupancy)")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="device to measure on (cuda --small runs without a GPU under TRITON_INTERPRET=1)",
@@ -115,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="small shapes: a quick smoke run")
     bench.add_argument(
         "--json", metavar="PATH", default=None,
-        help="where to write the results (default: bench/out/<suite>-<device>.json)",
+        help="where to write the results (default: bench/out/<suite>-<device>.json; compile: bench/out/compile.json)",
     )
     bench.add_argument("--lengths", metavar="L,L,...", default=None,
                        help="step: maximum response lengths (default 2048,8192,16384)")

@@ -361,10 +361,24 @@ def _linear_bwd_kernel(
                           mask=col_ok[:, None] & k_ok[None, :])
 
 
-def _blocks(interpreted: bool) -> dict:
+def _launch_config(hidden: torch.Tensor, weight: torch.Tensor, backward: bool, interpreted: bool) -> dict:
+    """Block sizes, num_warps and num_stages of the forward or backward kernel.
+
+    `longcot bench compile` (tests/test_compile_targets.py) compiles every variant for sm_80,
+    sm_89 and sm_90 and checks them against the per-block shared-memory limits, sm_89's 99 KB
+    the smallest."""
     if interpreted:  # tl.dot needs blocks >= 16; small ones keep the interpreter quick
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
+    if hidden.dtype == weight.dtype and hidden.element_size() == 2:
+        # 16-bit tensor-core dots: 48 KB of shared memory in the backward, 24 KB forward
+        return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
+    # fp32 and mixed inputs stage fp32 operands and run IEEE fp32 dots on the FMA units. With the
+    # 16-bit tiles the backward needed 112-144 KB of shared memory (over sm_89's 99 KB) and both
+    # kernels sat at 255 registers with spills; these take 16-24 KB, and at H = 4096 ptxas
+    # reports at most 8 bytes of spills on sm_80/sm_89/sm_90 (bench/RESULTS.md).
+    if backward:
+        return {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 16, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> dict:
@@ -384,7 +398,7 @@ class _TritonLinearTokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if return_entropy else lse
         interpreted = triton_interpreted()
-        blocks = _blocks(interpreted)
+        blocks = _launch_config(hidden, weight, False, interpreted)
         if n:
             grid = (triton_cdiv(n, blocks["BLOCK_N"]),)
             jit(_linear_fwd_kernel)[grid](
@@ -410,7 +424,7 @@ class _TritonLinearTokenLogprobs(torch.autograd.Function):
         dh = torch.zeros((n, hdim), dtype=torch.float32, device=hidden.device) if need_h else lse
         dw = torch.zeros((vocab, hdim), dtype=torch.float32, device=hidden.device) if need_w else lse
         interpreted = triton_interpreted()
-        blocks = _blocks(interpreted)
+        blocks = _launch_config(hidden, weight, True, interpreted)
         if n:
             grid = (triton_cdiv(n, blocks["BLOCK_N"]), triton_cdiv(vocab, blocks["BLOCK_V"]))
             jit(_linear_bwd_kernel)[grid](
