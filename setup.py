@@ -15,7 +15,7 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "longcot.kernels._cpu",
-            sources=["csrc/bindings.cpp", "csrc/ngram.cpp", "csrc/scans.cpp"],
+            sources=["csrc/bindings.cpp", "csrc/ngram.cpp", "csrc/ngram_update.cpp", "csrc/scans.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=compile_args,

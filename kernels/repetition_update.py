@@ -37,10 +37,16 @@ first occurrence before it counts, so hash collisions cost a comparison and neve
 (``hash_bits`` shrinks the hash for the tests that force collisions).
 
 Implementations (chosen when the state is made, from its device and ``LONGCOT_KERNELS``, as for
-every op; the state's layout depends on it):
+every op; the state's layout depends on it; ``state.impl`` names it):
 
-- the reference: a Python dict of n-gram tuples per row, the oracle;
-- ``cpu``: vectorised PyTorch over the whole batch (CPU or CUDA tensors, no Python loop over rows):
+- ``reference``: a Python dict of n-gram tuples per row, the oracle;
+- ``cpu`` (the default for CPU tensors when the C++ extension is built; ``LONGCOT_KERNELS=cpu``
+  requires it there): csrc/ngram_update.cpp, the Triton kernel's per-row logic in C++, updating the
+  state's tensors in place through their NumPy views (which share memory) in one extension call a
+  step, with no per-call allocation but the two outputs. Threads over rows only for batches large
+  enough to pay for them: a decode step of a few hundred rows runs on one;
+- ``torch``: vectorised PyTorch over the whole batch (CPU or CUDA tensors, no Python loop over rows;
+  the CPU fallback without the extension, and ``LONGCOT_KERNELS=cpu`` on CUDA tensors):
   each round gathers a window of probe slots, takes the first that is empty or holds the same hash,
   and confirms it by comparing the n tokens; rows that the window did not resolve (a long probe
   sequence or a collision) take further rounds. With at most half the slots used, a window of 16
@@ -52,8 +58,9 @@ every op; the state's layout depends on it):
   does the append, the rolling hash, the probe loop with the token-by-token confirmation and the
   counts, all on the device: one launch per step and no host sync.
 
-The torch path and the kernel share the table's layout, hash and probe sequence (double hashing in
-a power-of-two table: every slot is visited, so a probe ends at the n-gram or at an empty slot).
+The three fast paths share the table's layout, hash and probe sequence (double hashing in a
+power-of-two table: every slot is visited, so a probe ends at the n-gram or at an empty slot), so
+one state can be updated by any of them.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
+from ._backend import cpu_extension, cpu_threads, has_cpu_extension, requested_backend
 from ._backend import select as select_backend
 from .logprobs import check_triton_device, jit, tl, triton_interpreted
 
@@ -79,6 +87,8 @@ _MIX_STEP = 2_246_822_519
 _LOW32 = 0xFFFFFFFF
 # Probe slots gathered per round by the torch path.
 _WINDOW = 16
+# The state's tensors the C++ path updates, in the extension's argument order.
+_CPP_ARRAYS = ("tokens", "length", "hash", "repeated", "marked_end", "distinct", "slot_start", "slot_key", "slot_count")
 
 
 class RepetitionStep(NamedTuple):
@@ -119,6 +129,11 @@ class RepetitionState:
     # An upper bound on every row's length, known on the host: while it is below max_len no row
     # can be full, so the full-row check costs no device read.
     length_bound: int = 0
+    # The C++ path's (tensors, their NumPy views), made on its first step: nine .numpy() calls a
+    # step would cost more than the kernel at small batches. Rebuilt when a tensor is replaced.
+    numpy_views: tuple[tuple[torch.Tensor, ...], tuple[object, ...]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def batch(self) -> int:
@@ -178,6 +193,7 @@ class RepetitionState:
             # Copies, not shared lists: a row kept twice must not see the other's appends.
             history=None if self.history is None else [list(self.history[i]) for i in host],
             grams=None if self.grams is None else [copy.copy(self.grams[i]) for i in host],
+            numpy_views=None,  # views of this state's tensors (and they would keep them alive)
         )
 
 
@@ -222,6 +238,8 @@ def repetition_state(
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device: expected a torch device, got {device!r}") from exc
     impl = select_backend(device, cpu=True, triton=True, cpu_needs_extension=False, op="repetition_update")
+    if impl == "cpu":
+        impl = _cpu_impl(device)
 
     def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=device)
@@ -242,6 +260,18 @@ def repetition_state(
         state.slot_key = zeros(batch, capacity + 1, dtype=torch.int32)
         state.slot_count = zeros(batch, capacity + 1, dtype=torch.int32)
     return state
+
+
+def _cpu_impl(device: torch.device) -> str:
+    """``cpu`` (C++) or ``torch`` for the CPU path: the C++ kernel updates host memory in place, so
+    CUDA tensors take the vectorised torch path; CPU tensors take C++ when it is built (an explicit
+    ``LONGCOT_KERNELS=cpu`` requires it, as for the other C++ ops), else the torch path."""
+    if device.type != "cpu":
+        return "torch"
+    if requested_backend() == "cpu":
+        cpu_extension()  # fails loudly, with the fix, when the extension is missing
+        return "cpu"
+    return "cpu" if has_cpu_extension() else "torch"
 
 
 def _check(
@@ -327,7 +357,7 @@ def _probe_params(key: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 def repetition_update_torch(
     state: RepetitionState, new_tokens: torch.Tensor, active: torch.Tensor | None = None
 ) -> RepetitionStep:
-    """The vectorised PyTorch path (``cpu``). Inputs are not re-checked."""
+    """The vectorised PyTorch path (``torch``). Inputs are not re-checked."""
     n, max_len, cap = state.n, state.max_len, state.capacity
     device = state.device
     batch = state.batch
@@ -390,6 +420,32 @@ def repetition_update_torch(
     state.distinct = state.distinct + (occurrences == 1)
     state.hash, state.length = h, length
     return RepetitionStep(occurrences, state.repeated)
+
+
+# --- C++ (CPU tensors) -------------------------------------------------------------------------
+
+
+def repetition_update_cpp(
+    state: RepetitionState, new_tokens: torch.Tensor, active: torch.Tensor | None = None
+) -> RepetitionStep:
+    """The C++ path (``cpu``): csrc/ngram_update.cpp updates the state's tensors in place. Any
+    fast-path state on CPU tensors works (the layout is shared); the extension re-checks the arrays
+    and the per-row scalars before it writes, so a refused call changes nothing."""
+    if state.slot_start is None or state.device.type != "cpu":
+        raise ValueError(f"state: the C++ path needs a fast-path state on CPU tensors, got {state.impl!r} "
+                         f"on {state.device}")
+    tensors = tuple(getattr(state, name) for name in _CPP_ARRAYS)
+    views = state.numpy_views
+    if views is None or any(a is not b for a, b in zip(views[0], tensors)):
+        # The torch path replaces tensors each step (and a caller may): views must follow them.
+        views = state.numpy_views = (tensors, tuple(t.numpy() for t in tensors))
+    if new_tokens.dtype != torch.int64:
+        new_tokens = new_tokens.to(torch.int64)
+    flags = None if active is None else active.contiguous().numpy()
+    occurrences, repeated = cpu_extension().repetition_update(
+        *views[1], new_tokens.contiguous().numpy(), flags, state.n, state.hash_bits, cpu_threads()
+    )
+    return RepetitionStep(torch.from_numpy(occurrences), torch.from_numpy(repeated))
 
 
 # --- Triton (CUDA tensors; CPU tensors through the interpreter) --------------------------------
@@ -499,6 +555,8 @@ def repetition_update(
     if state.impl == "triton":
         result = repetition_update_triton(state, new_tokens, active)
     elif state.impl == "cpu":
+        result = repetition_update_cpp(state, new_tokens, active)
+    elif state.impl == "torch":
         if state.batch == 0:
             result = RepetitionStep(state.length.clone(), state.repeated.clone())
         else:

@@ -2,8 +2,11 @@
 references, after every single step: `repetition_mask(prefix).sum()`, `repetition_ratio(prefix)` and
 a direct count of the newest n-gram's occurrences."""
 
+import contextlib
 import importlib
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -15,7 +18,26 @@ from conftest import kernels_backend
 # The module (the package's attribute of that name is the function).
 RU = importlib.import_module("longcot.kernels.repetition_update")
 
-FAST = ["cpu"]  # the paths that run on this machine without the interpreter fixture
+# The paths that run on this machine without the interpreter fixture: C++ and vectorised torch.
+FAST = ["cpu", "torch"]
+
+
+@contextlib.contextmanager
+def backend_for(name):
+    """Make states for ``name``: the torch path is what CPU tensors get without the extension."""
+    if name == "torch":
+        with kernels_backend("auto"), mock.patch.object(RU, "has_cpu_extension", lambda: False):
+            yield
+    else:
+        with kernels_backend(name):
+            yield
+
+
+def make_state(backend, *args, **kwargs):
+    with backend_for(backend):
+        state = K.repetition_state(*args, **kwargs)
+    assert state.impl == backend
+    return state
 
 
 def expected_after(histories, n, stepped):
@@ -39,9 +61,7 @@ def drive(backend, tokens, n, active=None, check_every=1, **kwargs):
     """Feed ``tokens`` [B, T] one column per step (``active`` [B, T] bool: which rows take it) to a
     state made for ``backend`` and compare with the definitions after every step."""
     batch, steps = tokens.shape
-    with kernels_backend(backend):
-        state = K.repetition_state(batch, steps, n, **kwargs)
-    assert state.impl == backend
+    state = make_state(backend, batch, steps, n, **kwargs)
     histories = [[] for _ in range(batch)]
     for t in range(steps):
         flags = None if active is None else active[:, t]
@@ -94,7 +114,7 @@ def adversarial_cases(gen, steps):
     ]
 
 
-# --- the reference and the vectorised PyTorch path -------------------------------------------
+# --- the reference, C++ and the vectorised PyTorch path ---------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
@@ -139,8 +159,7 @@ def test_occurrences_and_marks_by_hand():
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_returned_tensors_are_not_changed_by_later_steps(backend):
-    with kernels_backend(backend):
-        state = K.repetition_state(2, 6, 1)
+    state = make_state(backend, 2, 6, 1)
     first = K.repetition_update(state, torch.tensor([4, 4]))
     for _ in range(3):
         K.repetition_update(state, torch.tensor([4, 4]))
@@ -152,8 +171,7 @@ def test_returned_tensors_are_not_changed_by_later_steps(backend):
 def test_select_drops_reorders_and_repeats_rows(backend):
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 3, (5, 40), generator=gen)
-    with kernels_backend(backend):
-        state = K.repetition_state(5, 40, 2)
+    state = make_state(backend, 5, 40, 2)
     histories = [[] for _ in range(5)]
     plan = {10: [4, 2, 0], 20: torch.tensor([2, 0, 0]), 30: [1]}
     for t in range(40):
@@ -176,23 +194,20 @@ def test_select_drops_reorders_and_repeats_rows(backend):
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_select_everything_away_and_empty_batches(backend):
-    with kernels_backend(backend):
-        state = K.repetition_state(3, 4, 2)
+    state = make_state(backend, 3, 4, 2)
     K.repetition_update(state, torch.tensor([1, 2, 3]))
     empty = state.select([])
     assert empty.batch == 0
     step = K.repetition_update(empty, torch.zeros(0, dtype=torch.long))
     assert step.occurrences.shape == step.repeated.shape == (0,)
     assert empty.ratio().shape == (0,)
-    with kernels_backend(backend):
-        none = K.repetition_state(0, 4, 2)
+    none = make_state(backend, 0, 4, 2)
     assert K.repetition_update(none, torch.zeros(0, dtype=torch.long)).repeated.shape == (0,)
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_full_rows(backend):
-    with kernels_backend(backend):
-        state = K.repetition_state(2, 3, 1)
+    state = make_state(backend, 2, 3, 1)
     for _ in range(2):
         K.repetition_update(state, torch.tensor([5, 5]))
     K.repetition_update(state, torch.tensor([5, 0]), torch.tensor([True, False]))  # row 0 full
@@ -220,9 +235,10 @@ def _minimal_capacity(steps, n):
     return 1 << (max(1, steps - n + 1) - 1).bit_length()
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("hash_bits", [0, 1, 3])
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_cpu_forced_collisions_and_full_tables(hash_bits, n):
+def test_forced_collisions_and_full_tables(backend, hash_bits, n):
     # With 0-3 hash bits nearly every n-gram shares its hash with another, so each match is decided
     # by the token comparison; with a table of the smallest capacity allowed the probe sequences
     # run past the first window (more than _WINDOW slots), through the fallback rounds.
@@ -230,7 +246,7 @@ def test_cpu_forced_collisions_and_full_tables(hash_bits, n):
     steps = 48
     cases = [torch.randint(0, 4, (3, steps), generator=gen), *adversarial_cases(gen, steps)]
     for tokens in cases:
-        state, histories = drive("cpu", tokens, n, hash_bits=hash_bits,
+        state, histories = drive(backend, tokens, n, hash_bits=hash_bits,
                                  capacity=_minimal_capacity(steps, n))
         # one occupied slot per distinct n-gram, counts summing to the n-grams seen
         table = slice(0, state.capacity)  # without the scratch slot
@@ -239,20 +255,22 @@ def test_cpu_forced_collisions_and_full_tables(hash_bits, n):
     assert int(state.distinct.max()) > RU._WINDOW + 1  # the distinct row probed past one window
 
 
-def test_cpu_fallback_rounds_with_a_window_of_one(monkeypatch):
+def test_torch_fallback_rounds_with_a_window_of_one(monkeypatch):
     # Every probe beyond the first takes a fallback round here.
     monkeypatch.setattr(RU, "_WINDOW", 1)
     gen = torch.Generator().manual_seed(1)
-    drive("cpu", torch.randint(0, 3, (4, 40), generator=gen), 2, hash_bits=1, capacity=64)
+    drive("torch", torch.randint(0, 3, (4, 40), generator=gen), 2, hash_bits=1, capacity=64)
 
 
-def test_distinct_ngrams_never_repeat_under_total_collision():
+@pytest.mark.parametrize("backend", FAST)
+def test_distinct_ngrams_never_repeat_under_total_collision(backend):
     # Every n-gram has the same hash and the same probe sequence: none may be called a repeat.
     tokens = torch.arange(64, dtype=torch.long).reshape(2, 32)
-    state, _ = drive("cpu", tokens, 3, hash_bits=0, capacity=32)
+    state, _ = drive(backend, tokens, 3, hash_bits=0, capacity=32)
     assert state.repeated.tolist() == [0, 0] and state.ratio().tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("backend", FAST)
 @given(
     data=st.data(),
     batch=st.integers(1, 4),
@@ -261,7 +279,7 @@ def test_distinct_ngrams_never_repeat_under_total_collision():
     alphabet=st.integers(1, 4),
     hash_bits=st.sampled_from([0, 2, 31]),
 )
-def test_cpu_random(data, batch, steps, n, alphabet, hash_bits):
+def test_random(backend, data, batch, steps, n, alphabet, hash_bits):
     tokens = torch.tensor(
         data.draw(st.lists(st.lists(st.integers(0, alphabet - 1), min_size=steps, max_size=steps),
                            min_size=batch, max_size=batch))
@@ -270,7 +288,153 @@ def test_cpu_random(data, batch, steps, n, alphabet, hash_bits):
         data.draw(st.lists(st.lists(st.booleans(), min_size=steps, max_size=steps),
                            min_size=batch, max_size=batch))
     )
-    drive("cpu", tokens, n, active=active, hash_bits=hash_bits)
+    drive(backend, tokens, n, active=active, hash_bits=hash_bits)
+
+
+# --- C++ against the torch path, slot for slot -----------------------------------------------
+
+
+@pytest.mark.parametrize("hash_bits, small_table", [(31, False), (2, True)])
+def test_cpp_and_torch_agree_step_by_step_on_a_batch(hash_bits, small_table):
+    # 48 rows, a third looping with period 37, the others small vocabularies, rows idle at times:
+    # the same outputs every step, the whole-sequence ops at checkpoints, the same table at the end.
+    gen = torch.Generator().manual_seed(hash_bits)
+    batch, steps, n = 48, 200, 5
+    tokens = torch.randint(0, 4, (batch, steps), generator=gen)
+    tokens[: batch // 3] = periodic(batch // 3, steps, 37, 1000, gen)
+    active = torch.rand(batch, steps, generator=gen) < 0.9
+    kwargs = {"hash_bits": hash_bits, "capacity": _minimal_capacity(steps, n) if small_table else None}
+    cpp, vec = make_state("cpu", batch, steps, n, **kwargs), make_state("torch", batch, steps, n, **kwargs)
+    for t in range(steps):
+        a = K.repetition_update(cpp, tokens[:, t], active[:, t])
+        b = K.repetition_update(vec, tokens[:, t], active[:, t])
+        assert torch.equal(a.occurrences, b.occurrences) and torch.equal(a.repeated, b.repeated)
+        if t % 50 == 49:
+            assert torch.equal(a.repeated, K.repetition_mask(cpp.tokens, cpp.length, n).sum(dim=1))
+            assert torch.equal(cpp.ratio(), K.repetition_ratio(cpp.tokens, cpp.length, n))
+    assert_same_state(cpp, vec)
+
+
+def test_one_state_updated_by_either_path():
+    # The torch path replaces the state's tensors each step; the C++ path must follow them (its
+    # cached NumPy views) and continue the same table.
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 3, (4, 60), generator=gen)
+    active = torch.rand(4, 60, generator=gen) < 0.8
+    mixed = make_state("cpu", 4, 60, 3, hash_bits=2)
+    histories = [[] for _ in range(4)]
+    paths = torch.rand(60, generator=gen) < 0.5
+    for t in range(60):
+        update = RU.repetition_update_cpp if paths[t] else RU.repetition_update_torch
+        step = update(mixed, tokens[:, t], active[:, t])
+        for b in range(4):
+            if active[b, t]:
+                histories[b].append(int(tokens[b, t]))
+        check(mixed, step, histories, active[:, t].tolist())
+    assert_same_state(mixed, drive("cpu", tokens, 3, active=active, hash_bits=2)[0])
+
+
+def test_cpp_threads_over_large_batches():
+    # 4096 rows are enough work for parallel_for to start threads (it decides by work): the rows
+    # must come out as on one thread.
+    gen = torch.Generator().manual_seed(6)
+    batch, steps, n = 4096, 16, 3
+    tokens = torch.randint(0, 3, (batch, steps), generator=gen)
+    active = torch.rand(batch, steps, generator=gen) < 0.9
+    with mock.patch.object(RU, "cpu_threads", lambda: 4):
+        threaded, _ = drive("cpu", tokens, n, active=active, check_every=steps)
+    single, _ = drive("torch", tokens, n, active=active, check_every=steps)
+    assert_same_state(threaded, single)
+
+
+def cpp_args(state, new_tokens, active=None):
+    """The extension's arguments for ``state`` (views: the extension writes into the state)."""
+    return [getattr(state, name).numpy() for name in RU._CPP_ARRAYS] + [
+        new_tokens.numpy(), active, state.n, state.hash_bits,
+    ]
+
+
+def snapshot(state):
+    return {name: getattr(state, name).clone() for name in RU._CPP_ARRAYS}
+
+
+def test_cpp_bad_arrays_raise_before_any_write():
+    ext = K._backend.cpu_extension()
+    state = make_state("cpu", 2, 8, 2)  # capacity 16
+    for t in [1, 2, 1]:
+        K.repetition_update(state, torch.tensor([t, t + 1]))
+    before = snapshot(state)
+    new = torch.tensor([1, 2])
+    readonly = state.hash.numpy().copy()
+    readonly.flags.writeable = False
+    # (argument index, replacement, message)
+    cases = [
+        (0, state.tokens.numpy().astype(np.float64), "tokens: expected dtype int64"),
+        (0, state.tokens.numpy()[0], "tokens: expected 2 dimensions"),
+        (0, np.asfortranarray(np.zeros((2, 8), dtype=np.int64)), "tokens: expected a C-contiguous array"),
+        (1, state.length.numpy().astype(np.int32), "length: expected dtype int64"),
+        (1, np.zeros(3, dtype=np.int64), r"length: expected shape\[0\] == 2"),
+        (2, readonly, "hash: expected a writable array"),
+        (3, state.repeated.numpy()[::-1], "repeated: expected a C-contiguous array"),
+        (4, np.zeros((2, 1), dtype=np.int64), "marked_end: expected 1 dimensions"),
+        (6, np.full((2, 13), -1, dtype=np.int32), "slot_start: expected shape.1. == capacity . 1 with capacity a power"),
+        (6, np.full((2, 5), -1, dtype=np.int32), "power of two >= 7"),
+        (7, np.zeros((2, 9), dtype=np.int32), r"slot_key: expected shape\[1\] == 17"),
+        (8, state.slot_count.numpy().astype(np.int64), "slot_count: expected dtype int32"),
+        (9, new.numpy().astype(np.int32), "new_tokens: expected dtype int64"),
+        (9, np.zeros(3, dtype=np.int64), r"new_tokens: expected shape\[0\] == 2"),
+        (10, np.ones(2, dtype=np.int64), "active: expected dtype bool"),
+        (10, np.ones(3, dtype=bool), r"active: expected shape\[0\] == 2"),
+        (10, [True, True], "active: expected a bool array or None"),
+        (11, 0, "n: expected n >= 1"),
+        (12, 32, r"hash_bits: expected a value in \[0, 31\]"),
+    ]
+    for index, value, match in cases:
+        args = cpp_args(state, new)
+        args[index] = value
+        with pytest.raises(ValueError, match=match):
+            ext.repetition_update(*args)
+    # Per-row values out of range, each in a copy of the arrays so the state itself stays valid.
+    rows = [
+        (1, -1, r"length: expected values in \[0, 8\]"),
+        (1, 9, r"length: expected values in \[0, 8\]"),
+        (1, 8, "new_tokens: row 1 already holds max_len=8 tokens"),
+        (2, 2**31 - 1, "hash: expected values"),
+        (2, -1, "hash: expected values"),
+        (3, 4, r"repeated: expected values in \[0, 3\]"),
+        (4, -1, "marked_end: expected values"),
+        (5, 3, r"distinct: expected values in \[0, 2\]"),
+    ]
+    for index, value, match in rows:
+        args = cpp_args(state, new)
+        args[:9] = [a.copy() for a in args[:9]]
+        args[index][1] = value
+        with pytest.raises(ValueError, match=match):
+            ext.repetition_update(*args)
+    for name, value in before.items():
+        assert torch.equal(getattr(state, name), value), name  # nothing was written
+    # A full row is fine while inactive.
+    args = cpp_args(state, new, np.array([True, False]))
+    args[:9] = [a.copy() for a in args[:9]]
+    args[1][1] = 8
+    occurrences, repeated = ext.repetition_update(*args)
+    assert occurrences.tolist() == [1, 0] and args[1].tolist() == [4, 8]
+
+
+@pytest.mark.parametrize("corruption", ["start past the history", "no empty slot"])
+def test_cpp_corrupt_tables_raise_instead_of_reading_out_of_bounds(corruption):
+    # hash_bits = 0: every n-gram has key 0, so every probe of the table reads a stored start.
+    state = make_state("cpu", 1, 8, 2, hash_bits=0, capacity=8)
+    K.repetition_update(state, torch.tensor([1]))
+    K.repetition_update(state, torch.tensor([2]))
+    if corruption == "start past the history":
+        state.slot_start[0, :8] = 2**31 - 1  # occupied, key 0, a start far past the row
+        state.slot_key[0, :8] = 0
+    else:
+        state.slot_start[0, :8] = 0  # every slot occupied by another key: no probe ever ends
+        state.slot_key[0, :8] = 1
+    with pytest.raises(ValueError, match="slot_start: row 0's hash table does not match its tokens"):
+        K.repetition_update(state, torch.tensor([3]))
 
 
 # --- Triton (the interpreter on CPU tensors) -------------------------------------------------
@@ -308,17 +472,22 @@ def test_triton_long_ngrams_compare_every_block(triton_interpreter):
     assert state.distinct.tolist() == [3] and state.repeated.tolist() == [0]
 
 
-def test_triton_and_torch_build_the_same_table(triton_interpreter):
-    # One layout, one hash, one probe sequence: the two fast paths are interchangeable.
+def assert_same_state(a, b):
+    for name in ("tokens", "length", "hash", "repeated", "distinct", "marked_end"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    cap = a.capacity
+    for name in ("slot_start", "slot_key", "slot_count"):  # the scratch slot aside
+        assert torch.equal(getattr(a, name)[:, :cap], getattr(b, name)[:, :cap]), name
+
+
+def test_triton_torch_and_cpp_build_the_same_table(triton_interpreter):
+    # One layout, one hash, one probe sequence: the three fast paths are interchangeable.
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 3, (2, 16), generator=gen)
     active = torch.rand(2, 16, generator=gen) < 0.8
     triton_state, _ = drive("triton", tokens, 2, active=active, check_every=8, hash_bits=3, capacity=16)
-    torch_state, _ = drive("cpu", tokens, 2, active=active, hash_bits=3, capacity=16)
-    for name in ("tokens", "length", "hash", "repeated", "distinct", "marked_end"):
-        assert torch.equal(getattr(triton_state, name), getattr(torch_state, name)), name
-    for name in ("slot_start", "slot_key", "slot_count"):  # the scratch slot aside
-        assert torch.equal(getattr(triton_state, name)[:, :16], getattr(torch_state, name)[:, :16]), name
+    for other in FAST:
+        assert_same_state(triton_state, drive(other, tokens, 2, active=active, hash_bits=3, capacity=16)[0])
 
 
 def test_triton_select_and_extremes(triton_interpreter):
@@ -340,7 +509,7 @@ def test_triton_select_and_extremes(triton_interpreter):
 
 def test_dispatch():
     K.reset_dispatch_counts()
-    assert K.repetition_state(1, 4, 2).impl == "cpu"  # the default on CPU tensors, no C++ needed
+    assert K.repetition_state(1, 4, 2).impl == "cpu"  # the default on CPU tensors: C++
     for name in ("reference", "cpu"):
         with kernels_backend(name):
             assert K.repetition_state(1, 4, 2).impl == name
@@ -350,6 +519,21 @@ def test_dispatch():
     cpu_state = K.repetition_state(1, 4, 2)
     with pytest.raises(ValueError, match="state: made for the 'cpu' implementation"):
         K.repetition_update_reference(cpu_state, torch.tensor([1]))
+    # Without the extension: the torch path by default, an ImportError naming the fix when C++ is
+    # asked for explicitly (as for repetition_mask).
+    missing = ImportError("longcot.kernels._cpu (the C++ kernels) is not built; run `pip install -e .`")
+    with mock.patch.object(RU, "has_cpu_extension", lambda: False), \
+            mock.patch.object(RU, "cpu_extension", mock.Mock(side_effect=missing)):
+        assert K.repetition_state(1, 4, 2).impl == "torch"
+        with kernels_backend("cpu"), pytest.raises(ImportError, match="pip install -e"):
+            K.repetition_state(1, 4, 2)
+    # The C++ kernel updates host memory in place: CUDA tensors asked for the CPU path get torch.
+    with kernels_backend("cpu"):
+        assert RU._cpu_impl(torch.device("cuda")) == "torch"
+    # Neither fast path runs on the reference's state.
+    ref_state = make_state("reference", 1, 4, 2)
+    with pytest.raises(ValueError, match="state: the C.. path needs a fast-path state on CPU tensors"):
+        RU.repetition_update_cpp(ref_state, torch.tensor([1]))
 
 
 def test_triton_dispatch(triton_interpreter):
@@ -389,8 +573,7 @@ def test_bad_state_arguments(kwargs, match):
 
 @pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_bad_update_arguments(backend):
-    with kernels_backend(backend):
-        state = K.repetition_state(2, 8, 2)
+    state = make_state(backend, 2, 8, 2)
     good = torch.tensor([1, 2])
     cases = [
         (([1, 2], good, None), "state: expected a RepetitionState"),
@@ -430,7 +613,7 @@ def test_gpu_kernel_and_torch_path_real_batch(compiled_triton):
     kernel = K.repetition_state(batch, steps, n, "cuda")
     with kernels_backend("cpu"):
         vectorised = K.repetition_state(batch, steps, n, "cuda")
-    assert (kernel.impl, vectorised.impl) == ("triton", "cpu")
+    assert (kernel.impl, vectorised.impl) == ("triton", "torch")
     for t in range(steps):
         a = K.repetition_update(kernel, tokens[:, t], active[:, t])
         b = K.repetition_update(vectorised, tokens[:, t], active[:, t])
