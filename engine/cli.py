@@ -23,6 +23,12 @@ def _bench(args: argparse.Namespace) -> int:
         if args.device != "cpu":
             raise SystemExit("longcot bench compile: compiles for GPU targets without one (no --device)")
         return compile_bench.run(small=args.small, json_path=args.json)
+    if args.suite == "rollout":
+        from longcot.bench import early_stop
+
+        if args.device != "cpu":
+            raise SystemExit("longcot bench rollout: runs on the CPU only for now (--device cpu)")
+        return early_stop.run(small=args.small, json_path=args.json, repeats=args.repeats, threads=args.threads)
     if args.suite == "peers":
         from longcot.bench import peers
 
@@ -110,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
-    bench.add_argument("suite", choices=["kernels", "step", "peers", "compile"],
+    bench.add_argument("suite", choices=["kernels", "step", "peers", "compile", "rollout"],
                        help="kernels: per-op microbenchmarks; step: experience + PPO update at long lengths, "
                             "padded vs token-budget micro-batches, with and without checkpointing; peers: "
                             "longcot's GRPO against TRL's GRPOTrainer on the built-in task, same settings; "
                             "compile: every Triton launch variant compiled for sm_80, sm_89 and sm_90 without "
-                            "a GPU (registers, spills, shared memory, occupancy)")
+                            "a GPU (registers, spills, shared memory, occupancy); rollout: rollout time with and "
+                            "without the early stop of looping responses, on a policy that loops on half its prompts")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
         help="device to measure on (cuda --small runs without a GPU under TRITON_INTERPRET=1)",
@@ -130,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=None,
                        help="step: responses per row (default 16; 2 at L = 16,384 on CPU)")
     bench.add_argument("--budget", type=int, default=16384, help="step: tokens per micro-batch (default 16384)")
-    bench.add_argument("--threads", type=int, default=2, help="step, peers: torch threads per side (default 2)")
+    bench.add_argument("--threads", type=int, default=2, help="step, peers, rollout: torch threads per side (default 2)")
     bench.add_argument("--steps", type=int, default=None, help="peers: RL steps per side (default 60; --small: 3)")
     bench.add_argument("--repeats", type=int, default=None,
-                       help="peers: runs of each side, alternating (default 2; --small: 1)")
+                       help="peers: runs of each side, alternating (default 2; --small: 1); rollout: runs with and without the early stop (default 3)")
     bench.add_argument("--seed", type=int, default=0,
                        help="peers: seed of the task split, the SFT warm start and both sides (default 0)")
     bench.set_defaults(func=_bench)
