@@ -96,14 +96,22 @@ def _timed(gen, prompts, s, temperature, stop):
 
 def run(small: bool = False, json_path: str | None = None, repeats: int | None = None,
         threads: int = 2) -> int:
-    from longcot.engine.rollout import HFGenerator
-
     s = dict(SMALL if small else FULL)
     if repeats is not None:
         if repeats < 1:
             raise ValueError(f"repeats: expected >= 1, got {repeats}")
         s["repeats"] = repeats
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run(s, json_path, small, threads)
+    finally:  # the caller's (a test process's) thread count: later work must not change with it
+        torch.set_num_threads(previous)
+
+
+def _run(s: dict, json_path: str | None, small: bool, threads: int) -> int:
+    from longcot.engine.rollout import HFGenerator
+
     out = Path(json_path or ("bench/out/rollout-cpu-small.json" if small else "bench/out/rollout-cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer, task = looping_policy(s, out.parent / ("loop-policy-small" if small else "loop-policy"))

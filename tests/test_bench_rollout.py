@@ -3,12 +3,18 @@ and without the early stop, and the JSON holds both with consistent numbers."""
 
 import json
 
+import torch
+
 from longcot.bench import early_stop
 
 
 def test_bench_rollout_small(tmp_path):
     path = tmp_path / "rollout.json"
-    assert early_stop.run(small=True, json_path=str(path), threads=1) == 0
+    threads = torch.get_num_threads()
+    assert early_stop.run(small=True, json_path=str(path), threads=threads + 1) == 0
+    # The caller's thread count is restored: a test process runs on with what it had (a leaked
+    # count changed later tests' float rounding).
+    assert torch.get_num_threads() == threads
     result = json.loads(path.read_text())
     s = result["settings"]
     responses = s["prompts"] * s["samples"]
