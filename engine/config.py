@@ -364,6 +364,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # `longcot train distributed.nproc_per_node=N` starts N local processes, as `torchrun
+    # --nproc-per-node N -m longcot.engine.cli train` would; under torchrun, torchrun's world wins.
+    nproc_per_node: int = 1
+    # FSDP2: free each layer's gathered weights after its forward (less memory), or keep them
+    # for its backward (one all-gather fewer per layer and micro-batch).
+    reshard_after_forward: bool = True
+
+    def check(self) -> None:
+        _positive(self, "nproc_per_node")
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed
@@ -387,6 +400,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # A run folder to continue from its newest complete checkpoint; `resume=RUN_DIR` on the
     # command line also makes RUN_DIR/config.yaml the base config (see load_config).
     resume: str | None = None
@@ -427,6 +441,23 @@ class TrainConfig:
                 f"rollout.samples_per_prompt: {self.algorithm.name} needs at least 2 samples per "
                 f"prompt, got {self.rollout.samples_per_prompt}"
             )
+
+    def check_world(self, size: int) -> None:
+        """What the config must satisfy to run on ``size`` processes (known only at start)."""
+        if size == 1:
+            return
+        if self.rollout.prompts_per_step % size:
+            raise ConfigError(f"rollout.prompts_per_step: {self.rollout.prompts_per_step} prompts do not split "
+                              f"evenly over {size} processes (each rank samples whole prompt groups)")
+        if self.sft.enabled and self.sft.batch_size % size:
+            raise ConfigError(f"sft.batch_size: {self.sft.batch_size} examples do not split evenly over "
+                              f"{size} processes")
+        if self.rollout.resolved_backend() == "vllm":
+            raise ConfigError("rollout.backend: vllm on several processes is not supported yet; use "
+                              "rollout.backend=hf (each rank decodes its share with the HF loop)")
+        if self.model.device.startswith("cuda:"):
+            raise ConfigError(f"model.device: {self.model.device} on several processes; each rank takes "
+                              "cuda:LOCAL_RANK, so set model.device=cuda (or auto)")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -30,12 +30,18 @@ def reflection_counts(texts: Iterable[str]) -> dict[str, float]:
 class MetricsLogger:
     """Appends metrics to ``metrics.jsonl`` (and TensorBoard when installed and enabled)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, keep_rows: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, keep_rows: int | None = None, write: bool = True):
         """``keep_rows``: continue an existing metrics.jsonl from its first ``keep_rows`` rows,
-        dropping the rest (a resumed run logs the steps after its checkpoint again)."""
+        dropping the rest (a resumed run logs the steps after its checkpoint again). ``write``:
+        False keeps the rows in memory only (the ranks other than 0 of a distributed run)."""
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
-        if keep_rows is not None:
+        self.write = write
+        if not write:
+            tensorboard = False
+            if keep_rows is not None:
+                self.rows = [{} for _ in range(keep_rows)]
+        elif keep_rows is not None:
             lines = self.path.read_text().splitlines()[:keep_rows] if self.path.exists() else []
             self.rows = [json.loads(line) for line in lines]
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -60,6 +66,8 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in row.items()}
         self.rows.append(clean)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         self._to_tensorboard(clean, len(self.rows))

@@ -13,6 +13,7 @@ time follow the tokens a micro-batch holds, not the batch's longest row.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -155,11 +156,35 @@ def response_hidden(model: torch.nn.Module, sb: SequenceBatch, precision: Precis
     never sees the padding after it, and without a mask the attention runs its causal kernel
     (flash/memory-efficient) instead of materialising [W, W] masks for every row.
     """
-    weight = lm_head_weight(model)
-    sb = sb.to(weight.device)
+    sb = sb.to(lm_head_weight(model).device)
     with autocast(precision):
-        hidden = last_hidden_states(model, sb.input_ids)
+        hidden, weight = _call_through_hooks(model, _hidden_and_head, sb.input_ids)
     return _gather(hidden, sb.positions), weight, sb
+
+
+def _hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return last_hidden_states(model, input_ids), lm_head_weight(model)
+
+
+def _call_through_hooks(model: torch.nn.Module, fn, *args):
+    """``fn(model, *args)``, run as ``model``'s forward when it is FSDP-sharded: its hooks gather
+    the root's parameters (embeddings, LM head) before and reduce their gradients after, which
+    they would not do for the backbone called on its own. The LM head comes back as a view, so
+    the hook FSDP puts on the forward's outputs is not left on the parameter itself."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return fn(model, *args)
+
+    def forward(self, *a):
+        hidden, weight = fn(self, *a)
+        return hidden, weight.view(weight.shape)
+
+    model.forward = types.MethodType(forward, model)
+    try:
+        return model(*args)
+    finally:
+        del model.forward
 
 
 def response_logprobs(

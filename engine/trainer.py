@@ -11,14 +11,10 @@ from its newest complete checkpoint instead.
 
 from __future__ import annotations
 
-import copy
-import datetime
 import json
 import math
 import random
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,25 +44,26 @@ from .checkpoint import (
     TrainingHalted,
     latest_checkpoint,
     load_checkpoint,
+    load_full_optimizer_state,
+    load_sharded_state,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from .config import TrainConfig, dump_config
-from .data import addition
-from .data.datasets import (
-    DataError,
-    apply_template,
-    load_prompt_records,
-    load_sft_records,
-    resolve_dataset,
-)
 from .device import Precision, enable_gradient_checkpointing
+from .distributed import (
+    World,
+    close_world,
+    full_copy,
+    grad_norm_value,
+    init_world,
+    save_full_model,
+    shard,
+)
 from .evaluate import greedy_accuracy
 from .metrics import MetricsLogger, reflection_counts, save_plots
 from .models import (
     ValueModel,
-    build_char_tokenizer,
-    build_tiny_model,
-    load_policy,
     load_reference,
     save_model,
 )
@@ -83,27 +80,16 @@ from .policy_forward import (
 from .rewards import RewardChannel, score_responses
 from .rollout import HFGenerator, Rollout, response_texts
 from .sft import run_sft
+from .task import Setup, new_run_dir, setup_task, validation_probe
+
+# How step metrics combine over data-parallel ranks (the rest are per-response means).
+_TOKEN_MEANS = {"entropy", "kl"}
+_SUMS = {"generated", "stop/tokens_saved"}
+_MAXIMA = {"response_length/max"}
 
 # algorithm.name -> advantage estimator
 ESTIMATOR_OF = {"ppo": "gae", "grpo": "grpo", "reinforce++": "reinforce++", "rloo": "rloo",
                 "reinforce_baseline": "reinforce_baseline"}
-
-
-@dataclass
-class Prompts:
-    ids: list[list[int]]
-    answers: list[str]
-
-
-@dataclass
-class Setup:
-    policy: torch.nn.Module
-    tokenizer: Any
-    train: Prompts
-    heldout: Prompts
-    valid: Prompts  # decides when the SFT warm start stops; never the reported split
-    sft_examples: list[tuple[list[int], list[int]]]
-    skipped_prompts: int
 
 
 @dataclass
@@ -119,112 +105,6 @@ class Experience:
     # a loss term and no old-policy forward ran.
     entropy: torch.Tensor | None = None
     kl: torch.Tensor | None = None
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup:
-    """The policy (on ``model.device``, in the precision's parameter dtype, checkpointed when
-    configured), its tokenizer, and train/held-out prompts (plus SFT pairs) for the config.
-
-    ``policy_path``: a saved policy (a checkpoint's) whose weights replace the initial ones.
-    """
-    precision = cfg.model.resolved_precision()
-    data = cfg.data
-    if data.task == "file":  # read (and check) every file before the model loads
-        records = {data.path: load_prompt_records(data.path, data.question_field, data.answer_field)}
-        if data.heldout_path:  # a file, or a packaged benchmark by name (math500, aime24)
-            records[data.heldout_path] = load_prompt_records(
-                resolve_dataset(data.heldout_path)[0], data.question_field, data.answer_field)
-        sft_records = load_sft_records(data.sft_path) if data.sft_path else []
-    if cfg.model.path is None:
-        tokenizer = build_char_tokenizer(addition.CHARSET)
-        t = cfg.model.tiny
-        if policy_path is None:
-            policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
-        else:
-            policy = load_policy(policy_path)[0]
-    else:
-        policy, tokenizer = load_policy(policy_path or cfg.model.path, dtype=precision.param_dtype)
-    policy.to(device=precision.device, dtype=precision.param_dtype)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(policy, cfg.model.checkpoint_mlp_tile_tokens)
-    eos = tokenizer.eos_token_id
-
-    if data.task == "addition":
-        a = data.addition
-        task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed, n_valid=cfg.sft.eval_size)
-
-        def prompts(problems) -> Prompts:
-            return Prompts([_encode(tokenizer, p.prompt) for p in problems], [p.answer for p in problems])
-
-        sft = [(_encode(tokenizer, p.prompt), _encode(tokenizer, p.demonstration) + [eos]) for p in task.train]
-        return Setup(policy, tokenizer, prompts(task.train), prompts(task.heldout[: cfg.eval_size]),
-                     prompts(task.valid), sft, 0)
-
-    skipped = 0
-
-    def prompts_from(path: str) -> Prompts:
-        nonlocal skipped
-        out = Prompts([], [])
-        for rec in records[path]:
-            ids = _encode(tokenizer, apply_template(rec.question, data.template, tokenizer, data.chat_template))
-            if len(ids) > data.max_prompt_tokens:
-                if data.strict:
-                    raise DataError(f"{rec.where}: the prompt is {len(ids)} tokens, over "
-                                    f"data.max_prompt_tokens={data.max_prompt_tokens} (data.strict=true)")
-                skipped += 1
-                continue
-            out.ids.append(ids)
-            out.answers.append(rec.answer)
-        return out
-
-    train = prompts_from(data.path)
-    if data.heldout_path:
-        heldout = prompts_from(data.heldout_path)
-    else:  # hold out the tail of the training prompts
-        k = min(cfg.eval_size, max(1, len(train.ids) // 10))
-        heldout = Prompts(train.ids[-k:], train.answers[-k:])
-        train = Prompts(train.ids[:-k], train.answers[:-k])
-    heldout = Prompts(heldout.ids[: cfg.eval_size], heldout.answers[: cfg.eval_size])
-    sft, valid = [], Prompts([], [])
-    if data.sft_path:
-        sft = [(_encode(tokenizer, r.prompt), _encode(tokenizer, r.response) + [eos]) for r in sft_records]
-        if cfg.sft.target_accuracy is not None:  # the probe's prompts leave the RL prompts
-            k = min(cfg.sft.eval_size, len(train.ids) // 2)
-            valid = Prompts(train.ids[-k:], train.answers[-k:])
-            train = Prompts(train.ids[:-k], train.answers[:-k])
-    if not train.ids:
-        raise DataError(f"{data.path}: no training prompts left ({skipped} over data.max_prompt_tokens="
-                        f"{data.max_prompt_tokens}, {len(heldout.ids)} held out, {len(valid.ids)} for validation)")
-    if skipped:
-        print(f"longcot: skipped {skipped} prompts longer than data.max_prompt_tokens="
-              f"{data.max_prompt_tokens} (data.strict=true makes them an error)", file=sys.stderr, flush=True)
-    return Setup(policy, tokenizer, train, heldout, valid, sft, skipped)
-
-
-def validation_probe(cfg: TrainConfig, setup: Setup, generator) -> Callable[[], float] | None:
-    """Greedy accuracy on the validation split, for the SFT stop; None when not configured."""
-    v = setup.valid
-    if cfg.sft.target_accuracy is None or not v.ids:
-        return None
-
-    def probe() -> float:
-        return greedy_accuracy(generator, setup.tokenizer, v.ids, v.answers,
-                               cfg.rollout.max_new_tokens, cfg.reward.verifier_timeout_s)["accuracy"]
-    return probe
-
-
-def new_run_dir(root: str, seed: int) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{stamp}-seed{seed}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    path.mkdir(parents=True)
-    return path
 
 
 class PromptSampler:
@@ -296,6 +176,7 @@ class Trainer:
         its optimisers and KL controller but no task: for calling ``experience`` and ``update``
         directly, as the step benchmark and tests do."""
         tr = cls(config)
+        tr.world = World()
         tr.precision = config.model.resolved_precision()
         tr.device = tr.precision.device
         tr.policy = policy.to(device=tr.device, dtype=tr.precision.param_dtype)
@@ -312,13 +193,22 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """The whole run, on this process and the others of its torchrun world (if any)."""
+        self.world = init_world(self.config.model.resolved_device())
+        try:
+            self.config.check_world(self.world.size)
+            return self._fit()
+        finally:
+            close_world()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         self.wall_start = time.perf_counter()
         state = self._new_run() if cfg.resume is None else self._resume(Path(cfg.resume))
         self.wall_start -= state.wall_seconds
         rl_start = time.perf_counter() - state.rl_seconds
-        bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", disable=not cfg.logging.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", dynamic_ncols=True,
+                   disable=not (cfg.logging.progress and self.world.main))
         for step in range(state.step + 1, cfg.steps + 1):
             row = self.step(step)
             self._count_skipped_updates(state, row)
@@ -334,8 +224,8 @@ class Trainer:
                 self._halt(state)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
                 self._save_checkpoint(state)
-            if cfg.seconds is not None and state.rl_seconds > cfg.seconds:
-                break
+            if cfg.seconds is not None and self.world.max(torch.tensor(int(state.rl_seconds > cfg.seconds))):
+                break  # on every rank at the same step
         bar.close()
         # Before the final evaluation, so that a run resumed with more steps evaluates only where
         # an uninterrupted run of those steps would.
@@ -346,25 +236,26 @@ class Trainer:
     def _new_run(self) -> RunState:
         """A new run folder: task and policy, the SFT warm start, the frozen reference, the RL
         optimisers, and the evaluation of the initial policy."""
-        cfg = self.config
+        cfg, world = self.config, self.world
         torch.manual_seed(cfg.seed)
-        self.run_dir = new_run_dir(cfg.output_dir, cfg.seed)
-        print(f"longcot: run folder {self.run_dir}", flush=True)
-        dump_config(cfg, self.run_dir / "config.yaml")
-        self.log = MetricsLogger(self.run_dir, cfg.logging.tensorboard)
+        self.run_dir = world.broadcast(new_run_dir(cfg.output_dir, cfg.seed) if world.main else None)
+        if world.main:
+            print(f"longcot: run folder {self.run_dir}", flush=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.log = MetricsLogger(self.run_dir, cfg.logging.tensorboard, write=world.main)
         s = self._use_task(setup_task(cfg))
         state = RunState(summary={"run_dir": str(self.run_dir), "skipped_prompts": s.skipped_prompts})
 
         self.generator = self._hf_generator()
         if cfg.sft.enabled and s.sft_examples:
             state.summary.update(run_sft(self.policy, s.sft_examples, cfg.sft, self.pad_id, cfg.seed,
-                                         cfg.logging.progress, self.log.log, validation_probe(cfg, s, self.generator),
-                                         self.precision))
+                                         cfg.logging.progress and world.main, self.log.log,
+                                         validation_probe(cfg, s, self._greedy), self.precision, world))
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
         # With no KL term the reference is neither built nor run.
         self.reference = self._frozen_reference() if cfg.algorithm.kl_coef > 0 else None
-        if self.reference is not None:
+        if self.reference is not None and world.main:
             # Saved once per run, not in every checkpoint: it never changes after the warm
             # start, and for a real model it is as large as the policy.
             save_model(self.reference, self.tokenizer, self.run_dir / "reference")
@@ -372,7 +263,9 @@ class Trainer:
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
             p = self.precision
             critic = (ValueModel.from_pretrained(cfg.model.critic_path, dtype=p.param_dtype, device=p.device)
-                      if cfg.model.critic_path else ValueModel.from_causal_lm(self.policy))
+                      if cfg.model.critic_path else ValueModel.from_causal_lm(full_copy(self.policy)))
+            if world.distributed:
+                shard(critic, cfg.distributed.reshard_after_forward)
         self._build_learners(critic)
 
         state.evals.append(self.evaluate(0))
@@ -387,9 +280,12 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"resume: {run_dir}: no complete checkpoint in {run_dir / CHECKPOINTS}")
         saved = load_checkpoint(path)
-        print(f"longcot: resuming run folder {run_dir} from {path.name}", flush=True)
+        world = self.world
+        if world.main:
+            print(f"longcot: resuming run folder {run_dir} from {path.name}", flush=True)
         self.run_dir = run_dir
-        self._use_task(setup_task(cfg, policy_path=path / "policy"))
+        # A sharded checkpoint's weights are loaded into the initial models below, once sharded.
+        self._use_task(setup_task(cfg, policy_path=None if saved.sharded else path / "policy"))
         p = self.precision
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
@@ -399,14 +295,24 @@ class Trainer:
             self.reference = load_reference(run_dir / "reference", dtype=p.compute_dtype, device=p.device)[0]
         critic = None
         if ESTIMATOR_OF[cfg.algorithm.name] in NEEDS_CRITIC:
-            if not (path / "critic").is_dir():
-                raise CheckpointError(f"{path}: no critic/ (saved by a run without one), but "
+            if "critic" not in saved.models:
+                raise CheckpointError(f"{path}: no critic (saved by a run without one), but "
                                       f"algorithm.name={cfg.algorithm.name} needs a critic")
-            critic = ValueModel.from_pretrained(path / "critic", dtype=p.param_dtype, device=p.device)
+            critic = (ValueModel.from_causal_lm(full_copy(self.policy)) if saved.sharded else
+                      ValueModel.from_pretrained(path / "critic", dtype=p.param_dtype, device=p.device))
+            if world.distributed:
+                shard(critic, cfg.distributed.reshard_after_forward)
         self._build_learners(critic)
-        self.optimizer.load_state_dict(saved.optimizers["optimizer"])
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(saved.optimizers["critic_optimizer"])
+        if saved.sharded:
+            load_sharded_state(path, *self._checkpointed())
+        elif world.distributed:
+            load_full_optimizer_state(self.policy, self.optimizer, saved.optimizers["optimizer"])
+            if self.critic_optimizer is not None:
+                load_full_optimizer_state(self.critic, self.critic_optimizer, saved.optimizers["critic_optimizer"])
+        else:
+            self.optimizer.load_state_dict(saved.optimizers["optimizer"])
+            if self.critic_optimizer is not None:
+                self.critic_optimizer.load_state_dict(saved.optimizers["critic_optimizer"])
         # load_state_dict also brings back the saved hyper-parameters; the config (with its
         # overrides) decides them, the checkpoint only the moments and step counts
         for opt, settings in zip((self.optimizer, self.critic_optimizer), self.optim_settings):
@@ -422,14 +328,18 @@ class Trainer:
         if cfg.rollout.resolved_backend() == "vllm":
             self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
         # The run's config as continued (e.g. more steps), without `resume`: it describes the job.
-        dump_config(replace(cfg, resume=None), run_dir / "config.yaml")
-        self.log = MetricsLogger(run_dir, cfg.logging.tensorboard, keep_rows=saved.state["metrics_rows"])
+        if world.main:
+            dump_config(replace(cfg, resume=None), run_dir / "config.yaml")
+        self.log = MetricsLogger(run_dir, cfg.logging.tensorboard, keep_rows=saved.state["metrics_rows"],
+                                 write=world.main)
         state = RunState(**saved.state["progress"])
         state.summary.setdefault("resumed_from_steps", []).append(saved.step)
         return state
 
     def _use_task(self, s: Setup) -> Setup:
         self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
+        if self.world.distributed:
+            shard(self.policy, self.config.distributed.reshard_after_forward)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.precision: Precision = self.config.model.resolved_precision()
         self.device = self.precision.device
@@ -439,7 +349,7 @@ class Trainer:
     def _frozen_reference(self) -> torch.nn.Module:
         """A frozen copy of the policy in the compute dtype: it never trains, so it needs no fp32
         master copy."""
-        return copy.deepcopy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
+        return full_copy(self.policy).to(self.precision.compute_dtype).eval().requires_grad_(False)
 
     def _hf_generator(self) -> HFGenerator:
         # The sampler's entropy stands in for a forward over the responses the update skips; it
@@ -467,19 +377,30 @@ class Trainer:
     def _save_checkpoint(self, state: RunState) -> Path:
         # No learning-rate scheduler to save: the warm-up is a function of the step.
         state.wall_seconds = time.perf_counter() - self.wall_start
+        # The global RNG is saved though no RL step draws from it today, so that one that does
+        # later stays reproducible across a resume.
+        rng = {"torch": torch.get_rng_state(), "update_gen": self.update_gen.get_state()}
+        trainer = {"progress": asdict(state), "kl_controller": self.kl_ctl.state_dict(),
+                   "prompt_sampler": self.sampler.state_dict(), "metrics_rows": len(self.log.rows)}
+        keep = self.config.checkpoint.keep
+        if self.world.distributed:
+            models, optimizers = self._checkpointed()
+            return save_sharded_checkpoint(self.run_dir, state.step, self.world, models=models,
+                                           optimizers=optimizers, rng=rng, state=trainer, keep=keep)
         optimizers = {"optimizer": self.optimizer}
         if self.critic_optimizer is not None:
             optimizers["critic_optimizer"] = self.critic_optimizer
-        return save_checkpoint(
-            self.run_dir, state.step, policy=self.policy, tokenizer=self.tokenizer, critic=self.critic,
-            optimizers=optimizers,
-            # The global RNG is saved though no RL step draws from it today, so that one that
-            # does later stays reproducible across a resume.
-            rng={"torch": torch.get_rng_state(), "update_gen": self.update_gen.get_state()},
-            state={"progress": asdict(state), "kl_controller": self.kl_ctl.state_dict(),
-                   "prompt_sampler": self.sampler.state_dict(), "metrics_rows": len(self.log.rows)},
-            keep=self.config.checkpoint.keep,
-        )
+        return save_checkpoint(self.run_dir, state.step, policy=self.policy, tokenizer=self.tokenizer,
+                               critic=self.critic, optimizers=optimizers, rng=rng, state=trainer, keep=keep)
+
+    def _checkpointed(self) -> tuple[dict[str, torch.nn.Module], dict[str, tuple[str, torch.optim.Optimizer]]]:
+        """The trained models and their optimisers, by the names a sharded checkpoint uses."""
+        models: dict[str, torch.nn.Module] = {"policy": self.policy}
+        optimizers = {"optimizer": ("policy", self.optimizer)}
+        if self.critic is not None:
+            models["critic"] = self.critic
+            optimizers["critic_optimizer"] = ("critic", self.critic_optimizer)
+        return models, optimizers
 
     def _count_skipped_updates(self, state: RunState, row: dict[str, Any]) -> None:
         state.skipped_updates += row["skipped_updates"]
@@ -507,11 +428,13 @@ class Trainer:
         summary = {**state.summary, "final_accuracy": state.evals[-1]["accuracy"], "steps": state.step,
                    "rl_seconds": state.rl_seconds, "evals": state.evals,
                    "skipped_updates": state.skipped_updates}
-        save_model(self.policy, self.tokenizer, self.run_dir / "final")
+        save_full_model(self.policy, self.tokenizer, self.run_dir / "final", self.world)
         self._close()
+        summary["wall_seconds"] = time.perf_counter() - self.wall_start
+        if not self.world.main:
+            return summary
         if cfg.logging.plots:
             save_plots(self.log.rows, self.run_dir, state.evals)
-        summary["wall_seconds"] = time.perf_counter() - self.wall_start
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"longcot: held-out accuracy {summary['init_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
               f"in {summary['wall_seconds']:.0f} s; run folder {self.run_dir}", flush=True)
@@ -519,25 +442,48 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         h = self.setup.heldout
-        result = greedy_accuracy(self.generator, self.tokenizer, h.ids, h.answers,
-                                 self.config.rollout.max_new_tokens, self.config.reward.verifier_timeout_s)
+        result = self._greedy(h.ids, h.answers)
         result["step"] = step
         self.log.log({"phase": "eval", **result})
         return result
 
+    def _greedy(self, prompts: list[list[int]], answers: list[str]) -> dict[str, Any]:
+        """`greedy_accuracy` of the policy on the prompts, each rank decoding every world-size-th."""
+        w, cfg = self.world, self.config
+        mine = slice(w.rank, None, w.size)
+        with w.unsharded(self.policy):
+            part = greedy_accuracy(self.generator, self.tokenizer, prompts[mine], answers[mine],
+                                   cfg.rollout.max_new_tokens, cfg.reward.verifier_timeout_s) if prompts[mine] \
+                else {"accuracy": 0.0, "response_length": 0.0, "truncation_rate": 0.0, "verifier_timeouts": 0, "n": 0}
+        if not w.distributed:
+            return part
+        n = part["n"]
+        keys = ("accuracy", "response_length", "truncation_rate")
+        totals = w.sum(torch.tensor([*(part[k] * n for k in keys), part["verifier_timeouts"], n],
+                                    dtype=torch.float64)).tolist()
+        count = max(1.0, totals[-1])
+        return {**{k: v / count for k, v in zip(keys, totals)}, "verifier_timeouts": round(totals[3]),
+                "n": round(totals[4])}
+
     # --- one RL step -------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg, times = self.config, {}
+        cfg, times, world = self.config, {}, self.world
         t = time.perf_counter()
+        # Every rank draws the same prompts and samples its share, whole groups; the draws are
+        # per response (first_response), so the global batch does not depend on the split.
         idx = self.sampler.take(cfg.rollout.prompts_per_step)
+        mine = world.share(len(idx))
+        idx = idx[mine]
         r = cfg.rollout
+        options: dict[str, Any] = {"first_response": mine.start * r.samples_per_prompt} if world.distributed else {}
         # Only the RL rollouts stop looping responses early; evaluations decode to the end.
-        stop = {"stop_on_repetition": (r.stop_on_repetition.n, r.stop_on_repetition.min_repeats)} \
-            if r.stop_on_repetition.enabled else {}
-        rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
-                                          r.temperature, r.top_p, r.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
-                                          **stop)
+        if r.stop_on_repetition.enabled:
+            options["stop_on_repetition"] = (r.stop_on_repetition.n, r.stop_on_repetition.min_repeats)
+        with world.unsharded(self.policy):
+            rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
+                                              r.temperature, r.top_p, r.max_new_tokens,
+                                              seed=cfg.seed * 1_000_003 + step, **options)
         rollout = rollout.to(self.device)  # a no-op for HF; vLLM hands back host tensors
         answers = [self.setup.train.answers[idx[i]] for i in rollout.prompt_index.tolist()]
         times["rollout"], t = time.perf_counter() - t, time.perf_counter()
@@ -548,7 +494,8 @@ class Trainer:
                                  r.max_new_tokens, channels, cfg.reward.verifier_timeout_s)
         times["scoring"], t = time.perf_counter() - t, time.perf_counter()
 
-        exp = self.experience(rollout)
+        with world.unsharded(self.policy, self.critic):  # forwards only, as many as this rank needs
+            exp = self.experience(rollout)
         times["experience"], t = time.perf_counter() - t, time.perf_counter()
 
         a = cfg.algorithm
@@ -562,10 +509,11 @@ class Trainer:
             zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
             rewards, _ = token_rewards(scores.sparse, scores.dense, zeros, zeros, mask, 0.0, a.kl_estimator)
         estimator = ESTIMATOR_OF[a.name]
+        batch_sum = world.sum if world.distributed else None
         adv, returns = get_advantage(estimator)(AdvantageInputs(
-            rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values, a.grpo_std))
+            rewards, mask, scores.gammas, a.lam, rollout.prompt_index, exp.values, a.grpo_std, batch_sum))
         if a.normalize_advantages and estimator in ("gae", "rloo"):
-            adv = normalize(adv, mask)
+            adv = normalize(adv, mask, batch_sum)
         exp.advantages, exp.returns = adv, returns
         warm = min(1.0, step / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else 1.0
         for opt, lr in ((self.optimizer, cfg.optim.lr), (self.critic_optimizer, cfg.optim.critic_lr)):
@@ -579,7 +527,9 @@ class Trainer:
 
         kl = exp.kl if kl is None else kl  # None: no reference, so no KL to report
         if kl is not None:
-            self.kl_ctl.update(kl.sum(-1).mean().item(), len(rollout))
+            responses = len(rollout) * world.size
+            mean_kl = world.sum(kl.sum()) / responses if world.distributed else kl.sum(-1).mean()
+            self.kl_ctl.update(mean_kl.item(), responses)
         return self.step_metrics(step, rollout, texts, scores, rewards, kl, exp, stats, times)
 
     def micro_batches(self, sb: SequenceBatch, rows: list[int], sizes: tuple[list[int], list[int]],
@@ -588,13 +538,21 @@ class Trainer:
         the token budget (sorted by length, each trimmed to its own width), or in count mode
         ``micro_batch_size`` rows in the given order at the batch's width. ``sizes``: the batch's
         ``row_sizes``."""
+        return [self._micro_batch(sb, r, sizes, experience) for r in self._plan(rows, sizes, experience)]
+
+    def _budget(self, experience: bool) -> int | None:
         a = self.config.algorithm
-        budget = a.max_tokens_per_micro_batch
         if experience and a.max_tokens_per_experience_batch is not None:
-            budget = a.max_tokens_per_experience_batch
-        plan = plan_micro_batches(sizes[0], rows, budget, a.micro_batch_size)
-        return [(torch.tensor(r, device=sb.tokens.device), micro_batch(sb, r, budget is not None, sizes))
-                for r in plan]
+            return a.max_tokens_per_experience_batch
+        return a.max_tokens_per_micro_batch
+
+    def _plan(self, rows: list[int], sizes: tuple[list[int], list[int]], experience: bool = False) -> list[list[int]]:
+        return plan_micro_batches(sizes[0], rows, self._budget(experience), self.config.algorithm.micro_batch_size)
+
+    def _micro_batch(self, sb: SequenceBatch, rows: list[int], sizes: tuple[list[int], list[int]],
+                     experience: bool = False) -> tuple[torch.Tensor, SequenceBatch]:
+        return (torch.tensor(rows, device=sb.tokens.device),
+                micro_batch(sb, rows, self._budget(experience) is not None, sizes))
 
     @torch.no_grad()
     def experience(self, rollout: Rollout) -> Experience:
@@ -603,7 +561,8 @@ class Trainer:
         `algorithm.old_logprobs`), reference log-probs when there is a KL term, critic values."""
         sb = sequence_batch(rollout.prompts, rollout.tokens, rollout.lengths, self.pad_id)
         temp = self.config.rollout.temperature
-        source = self.config.algorithm.old_logprobs_source(len(rollout), self._sampler_logprobs_exact())
+        source = self.config.algorithm.old_logprobs_source(len(rollout) * self.world.size,
+                                                           self._sampler_logprobs_exact())
         models = {"old": self.policy if source == "recompute" else None, "ref": self.reference, "val": self.critic}
         out = {k: torch.zeros(sb.tokens.shape, dtype=torch.float32, device=self.device)
                for k, model in models.items() if model is not None}
@@ -635,10 +594,13 @@ class Trainer:
 
         Every term is weighted by its micro-batch's share of the mini-batch (tokens for token
         means, responses for sequence means), so the gradients do not depend on how a mini-batch
-        is cut. Statistics stay on the device until the end of the step. The first epoch's
-        forward also gives the step's entropy (and its KL when no old-policy forward ran).
+        is cut, nor on how it is split over data-parallel ranks: the mini-batches are drawn from
+        the global batch, each rank forwards its own rows of them, the shares' denominators are
+        the global mini-batch's, and FSDP sums the gradients. Statistics stay on the device until
+        the end of the step. The first epoch's forward also gives the step's entropy (and its KL
+        when no old-policy forward ran).
         """
-        cfg, a = self.config, self.config.algorithm
+        cfg, a, world = self.config, self.config.algorithm, self.world
         temp = cfg.rollout.temperature
         mask = exp.sb.mask
         sizes = row_sizes(exp.sb)
@@ -656,81 +618,99 @@ class Trainer:
         norms: dict[str, list[torch.Tensor]] = {"grad_norm": [], "critic_grad_norm": []}
         updates = skipped = 0
         live = self._rows_with_gradient(exp, kl_in_loss)
+        # Per row of the global batch: its tokens, and its tokens when it is forwarded.
+        local, first = len(exp.rollout), world.rank * len(exp.rollout)
+        row_tokens = mask.sum(-1).float()
+        forwarded = row_tokens if live is None else row_tokens * torch.tensor(live, device=self.device)
+        tokens_of = world.gather(torch.stack([row_tokens, forwarded], 1))
+        plans = []  # (epoch, global rows, this rank's rows, its micro-batches' rows)
         for epoch in range(a.epochs):
-            perm = torch.randperm(len(exp.rollout), generator=self.update_gen)
+            perm = torch.randperm(local * world.size, generator=self.update_gen)
             for rows in perm.split(a.mini_batch_size):
-                rows = rows.tolist()
-                tokens = mask[rows].sum().clamp_min(1)
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.critic_optimizer is not None:
-                    self.critic_optimizer.zero_grad(set_to_none=True)
-                finite = torch.ones(2, dtype=torch.bool, device=self.device)  # policy, critic
-                stats = torch.zeros(len(names), dtype=torch.float32, device=self.device)
-                # The shares keep the whole mini-batch's denominators: a skipped row's terms are 0.
-                forward_rows = rows if live is None else [r for r in rows if live[r]]
-                stat_tokens = tokens if live is None else mask[forward_rows].sum().clamp_min(1)
-                if epoch == 0 and len(forward_rows) < len(rows):
-                    self._entropy_of_rows(exp, [r for r in rows if not live[r]], sizes)
-                for micro, sb in self.micro_batches(exp.sb, forward_rows, sizes) if forward_rows else ():
-                    steps = sb.tokens.shape[1]
-                    token_share = sb.mask.sum() / tokens
-                    stat_share = sb.mask.sum() / stat_tokens
-                    share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)
-                    hidden, weight, sb = response_hidden(self.policy, sb, self.precision)
-                    old = None if exp.old_logp is None else exp.old_logp[micro, :steps]
-                    loss, st = linear_ppo_policy_loss(
-                        hidden, weight, sb.tokens, old, exp.advantages[micro, :steps],
-                        sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True,
-                        ratio=a.ratio, agg_norm=agg_norm)
-                    del hidden  # the loss keeps the valid rows it needs; the rest can go now
-                    logp, ent = st["logp"], st["entropy"]
-                    if epoch == 0:
-                        exp.entropy[micro, :steps] = ent.detach()
-                    stats[0] += loss.detach() * share
-                    stats[1] += st["clip_frac"] * stat_share
-                    stats[2] += st["approx_kl"] * stat_share
-                    loss = loss * share
-                    # Token means over the whole mini-batch, whatever the policy loss aggregation.
-                    if kl_in_loss:
-                        kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator, a.kl_clamp)
-                        loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / tokens
-                        if epoch == 0 and exp.kl is not None:
-                            exp.kl[micro, :steps] = (kl * sb.mask).detach()
-                    if a.entropy_coef > 0:
-                        loss = loss - a.entropy_coef * (ent * sb.mask).sum() / tokens
-                    finite[0] &= torch.isfinite(loss)
-                    loss.backward()
-                    if self.critic is not None:
-                        values = response_values(self.critic, sb, self.precision)
-                        vloss, vfrac = value_loss(values, exp.values[micro, :steps], exp.returns[micro, :steps],
-                                                  sb.mask, a.value_clip, num_tokens=tokens)
-                        finite[1] &= torch.isfinite(vloss)
-                        (a.vf_coef * vloss).backward()
-                        stats[3] += vloss.detach()
-                        stats[4] += vfrac * token_share
-                per_minibatch.append(stats)
-                if not forward_rows:  # Adam still steps on a zero gradient (moments, decay)
-                    for p in self.policy.parameters():
-                        p.grad = torch.zeros_like(p) if p.requires_grad else None
-                learners = [(self.policy, self.optimizer, "grad_norm")]
+                own = [r - first for r in rows.tolist() if first <= r < first + local]
+                forward_rows = own if live is None else [r for r in own if live[r]]
+                plans.append((epoch, rows.to(self.device), own, self._plan(forward_rows, sizes) if forward_rows else []))
+        # FSDP gathers and reduces inside every forward and backward: a rank with fewer micro-batches
+        # than the busiest runs zero-weighted ones on its first row (None in its plan).
+        counts = world.same_counts([len(p[3]) for p in plans])
+        for (epoch, rows, own, plan), count in zip(plans, counts):
+            tokens = tokens_of[rows, 0].sum().clamp_min(1)
+            stat_tokens = tokens if live is None else tokens_of[rows, 1].sum().clamp_min(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.critic_optimizer is not None:
+                self.critic_optimizer.zero_grad(set_to_none=True)
+            finite = torch.ones(2, dtype=torch.bool, device=self.device)  # policy, critic
+            stats = torch.zeros(len(names), dtype=torch.float32, device=self.device)
+            # The shares keep the whole mini-batch's denominators: a skipped row's terms are 0.
+            if epoch == 0 and live is not None and not all(live[r] for r in own):
+                self._entropy_of_rows(exp, [r for r in own if not live[r]], sizes)
+            for part in plan + [None] * (count - len(plan)):
+                filler = part is None
+                micro, sb = self._micro_batch(exp.sb, [0] if filler else part, sizes)
+                steps = sb.tokens.shape[1]
+                token_share = sb.mask.sum() / tokens
+                stat_share = sb.mask.sum() / stat_tokens
+                share = token_share if a.loss_agg == "token-mean" else len(micro) / len(rows)
+                if filler:
+                    token_share, stat_share, share = token_share * 0, stat_share * 0, share * 0
+                hidden, weight, sb = response_hidden(self.policy, sb, self.precision)
+                old = None if exp.old_logp is None else exp.old_logp[micro, :steps]
+                loss, st = linear_ppo_policy_loss(
+                    hidden, weight, sb.tokens, old, exp.advantages[micro, :steps],
+                    sb.mask, temp, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, return_entropy=True,
+                    ratio=a.ratio, agg_norm=agg_norm)
+                del hidden  # the loss keeps the valid rows it needs; the rest can go now
+                logp, ent = st["logp"], st["entropy"]
+                if epoch == 0 and not filler:
+                    exp.entropy[micro, :steps] = ent.detach()
+                stats[0] += loss.detach() * share
+                stats[1] += st["clip_frac"] * stat_share
+                stats[2] += st["approx_kl"] * stat_share
+                loss = loss * share
+                # Token means over the whole mini-batch, whatever the policy loss aggregation.
+                if kl_in_loss:
+                    kl = kl_penalty(logp, exp.ref_logp[micro, :steps], a.kl_estimator, a.kl_clamp)
+                    loss = loss + self.kl_ctl.coef * (kl * sb.mask).sum() / tokens * (0 if filler else 1)
+                    if epoch == 0 and exp.kl is not None and not filler:
+                        exp.kl[micro, :steps] = (kl * sb.mask).detach()
+                if a.entropy_coef > 0:
+                    loss = loss - a.entropy_coef * (ent * sb.mask).sum() / tokens * (0 if filler else 1)
+                finite[0] &= torch.isfinite(loss)
+                loss.backward()
                 if self.critic is not None:
-                    learners.append((self.critic, self.critic_optimizer, "critic_grad_norm"))
-                clip = cfg.optim.grad_clip
-                grad_norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), clip if clip is not None else float("inf"))
-                              for m, _, _ in learners]
-                # A non-finite loss or gradient norm skips that optimiser's step, so its moments and
-                # step count stay as they were. One host sync per mini-batch.
-                ok = (finite[:len(learners)] & torch.isfinite(torch.stack(grad_norms))).tolist()
-                for (_, optimizer, key), norm, good in zip(learners, grad_norms, ok):
-                    updates += 1
-                    if good:
-                        norms[key].append(norm.detach().float())
-                        optimizer.step()
-                    else:
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped += 1
+                    values = response_values(self.critic, sb, self.precision)
+                    vloss, vfrac = value_loss(values, exp.values[micro, :steps], exp.returns[micro, :steps],
+                                              sb.mask, a.value_clip, num_tokens=tokens)
+                    if filler:
+                        vloss = vloss * 0
+                    finite[1] &= torch.isfinite(vloss)
+                    (a.vf_coef * vloss).backward()
+                    stats[3] += vloss.detach()
+                    stats[4] += vfrac * token_share
+            per_minibatch.append(stats)
+            if count == 0:  # Adam still steps on a zero gradient (moments, decay)
+                for p in self.policy.parameters():
+                    p.grad = torch.zeros_like(p) if p.requires_grad else None
+            learners = [(self.policy, self.optimizer, "grad_norm")]
+            if self.critic is not None:
+                learners.append((self.critic, self.critic_optimizer, "critic_grad_norm"))
+            clip = cfg.optim.grad_clip
+            grad_norms = [grad_norm_value(torch.nn.utils.clip_grad_norm_(
+                m.parameters(), clip if clip is not None else float("inf"))) for m, _, _ in learners]
+            # A non-finite loss or gradient norm skips that optimiser's step (on every rank), so
+            # its moments and step count stay as they were. One host sync per mini-batch.
+            ok = finite[:len(learners)] & torch.isfinite(torch.stack(grad_norms))
+            ok = world.min(ok.int()).bool().tolist() if world.distributed else ok.tolist()
+            for (_, optimizer, key), norm, good in zip(learners, grad_norms, ok):
+                updates += 1
+                if good:
+                    norms[key].append(norm.detach().float())
+                    optimizer.step()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
         self.policy.eval()
-        means = torch.stack(per_minibatch).mean(0)
+        means = world.sum(torch.stack(per_minibatch)).mean(0)
         norm_means = {k: torch.stack(v).mean() for k, v in norms.items() if v}
         values = torch.cat([means, torch.stack(list(norm_means.values())) if norm_means else means[:0]]).tolist()
         out = {k: v for k, v in zip(names, values) if self.critic is not None or not k.startswith("value")}
@@ -747,6 +727,9 @@ class Trainer:
         and backward. The denominators keep it, so the update is the same (a test compares)."""
         a = self.config.algorithm
         if self.critic is not None or kl_in_loss or a.entropy_coef > 0:
+            return None
+        if self.world.distributed and not (exp.rollout.entropy is not None and self._sampler_logprobs_exact()):
+            # The skipped rows' logged entropy would take forwards that the ranks do not agree on.
             return None
         return (exp.advantages != 0).any(-1).tolist()
 
@@ -789,8 +772,15 @@ class Trainer:
         if kl is not None:  # absent, not 0, without a reference
             on_device["kl"] = kl.sum() / valid
         device = rewards.device
-        read = dict(zip(on_device, torch.stack([v.to(device=device, dtype=torch.float32)
-                                                for v in on_device.values()]).tolist()))
+        values = torch.stack([v.to(device=device, dtype=torch.float32) for v in on_device.values()])
+        reflections = reflection_counts(texts)
+        timeouts = scores.timeouts
+        if self.world.distributed:
+            values = self._over_ranks(list(on_device), values, valid)
+            reflections = dict(zip(reflections, (self.world.sum(torch.tensor(list(reflections.values())))
+                                                 / self.world.size).tolist()))
+            timeouts = int(self.world.sum(torch.tensor(timeouts)))
+        read = dict(zip(on_device, values.tolist()))
         generated = read.pop("generated")
         row: dict[str, Any] = {
             "phase": "rl",
@@ -798,10 +788,24 @@ class Trainer:
             **read,
             "kl_coef": self.kl_ctl.coef,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "verifier_timeouts": scores.timeouts,
+            "verifier_timeouts": timeouts,
             "tokens_per_second": generated / max(times["rollout"], 1e-9),
             **stats,
-            **reflection_counts(texts),
+            **reflections,
         }
         row.update({f"time/{k}": v for k, v in times.items()})
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+    def _over_ranks(self, keys: list[str], values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """This rank's step metrics made the global batch's: per-response means averaged over
+        the ranks (each has as many responses), per-token means weighted by the ranks' tokens,
+        counts summed, maxima maximised."""
+        w = self.world
+        per_token = torch.tensor([k in _TOKEN_MEANS for k in keys], device=values.device)
+        summed = torch.tensor([k in _SUMS for k in keys], device=values.device)
+        weight = torch.where(per_token, valid.float(), torch.ones_like(values))
+        total = w.sum(torch.cat([values * weight, valid.float().reshape(1)]))
+        divisor = torch.where(per_token, total[-1], torch.where(summed, 1.0, float(w.size)))
+        out = total[:-1] / divisor
+        maxima = torch.tensor([k in _MAXIMA for k in keys], device=values.device)
+        return torch.where(maxima, w.max(values), out)

@@ -108,7 +108,7 @@ def test_sft_command(tmp_path):
 
 def test_sft_stops_at_the_validation_target(tmp_path):
     from longcot.engine.sft import run_sft
-    from longcot.engine.trainer import setup_task
+    from longcot.engine.task import setup_task
 
     cfg = tiny_config(tmp_path, "sft.steps=50", "sft.eval_every=3", "sft.target_accuracy=0.5")
     setup = setup_task(cfg)

@@ -36,6 +36,9 @@ class AdvantageInputs:
     group: torch.Tensor  # LongTensor [B]: the prompt each response answers
     values: torch.Tensor | None = None  # [B, T] critic values (gae only)
     grpo_std: str = "sample"  # one of GRPO_STD (grpo only)
+    # The sum over the data-parallel ranks' batches (World.sum), for the statistics taken over
+    # the whole batch (whitening); None: this batch is the whole batch.
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 Estimator = Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
@@ -122,10 +125,7 @@ def rloo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
 def reinforce_pp(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """REINFORCE++: token-level returns normalised over all valid tokens of the batch."""
     returns = discounted_returns(x.rewards, x.mask, x.gammas)
-    valid = returns[x.mask]
-    if valid.numel() < 2:
-        return returns * x.mask, None
-    return (returns - valid.mean()) / (valid.std() + EPS) * x.mask, None
+    return normalize(returns * x.mask, x.mask, x.batch_sum), None
 
 
 @register_advantage("reinforce_baseline")
@@ -138,12 +138,22 @@ def reinforce_baseline(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
     score = returns[:, 0]
     mean, _, count = _group_stats(score, x.group)
     centred = (returns - mean[:, None]) * (count > 1)[:, None] * x.mask
-    return normalize(centred, x.mask), None
+    return normalize(centred, x.mask, x.batch_sum), None
 
 
-def normalize(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten advantages over the batch's valid tokens (PPO's usual normalisation)."""
+def normalize(advantages: torch.Tensor, mask: torch.Tensor,
+              batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Whiten advantages over the batch's valid tokens (PPO's usual normalisation). With
+    ``batch_sum`` this batch is one rank's share, and the mean and (sample) std are those of the
+    whole batch: two passes, each one sum over ranks."""
     valid = advantages[mask]
-    if valid.numel() < 2:
+    if batch_sum is None:
+        if valid.numel() < 2:
+            return advantages
+        return (advantages - valid.mean()) / (valid.std() + EPS) * mask
+    total, count = batch_sum(torch.stack([valid.sum(), torch.tensor(float(valid.numel()), device=valid.device)]))
+    if count < 2:
         return advantages
-    return (advantages - valid.mean()) / (valid.std() + EPS) * mask
+    mean = total / count
+    std = (batch_sum((valid - mean).square().sum()) / (count - 1)).sqrt()
+    return (advantages - mean) / (std + EPS) * mask
