@@ -9,7 +9,8 @@ and float arguments, the constexpr block sizes and flags, ``num_warps``, ``num_s
 the variants compiled here are the wrappers' own launches and cannot drift from them. The
 wrappers choose launch parameters as on a GPU (``triton_interpreted()`` reads False during the
 capture). Shapes: ``small`` (test-sized, odd sizes) and ``realistic`` (V = 151,936, H = 4,096,
-16,384 tokens per log-prob call, B = 8 x T = 16,384 for the per-token ops, n = 40), fp32, bf16
+16,384 tokens per log-prob call, B = 8 x T = 16,384 for the per-token ops, n = 40; ``gae`` and
+``discounted_returns`` also at T = 2,053 in the small set, where their scans are chunked), fp32, bf16
 and mixed (bf16 hidden states, fp32 LM head) inputs. ``linear_ppo_policy_loss`` launches no
 kernel of its own: its launches are ``linear_token_logprobs``' on the masked-in rows and
 ``ppo_policy_loss``'s, both captured; ``repetition_mask`` / ``repetition_ratio`` are captured
@@ -116,6 +117,9 @@ SHAPES = {
     "realistic": Shapes("realistic", batch=8, steps=16_384, tokens=16_384, vocab=151_936, hidden=4_096, ngram=40),
 }
 
+# gae / discounted_returns at the small shapes: a sequence long enough to be cut into chunks
+_LONG_SCAN_STEPS = 2_053
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "bool": torch.bool,
            "int64": torch.int64}
 # hidden dtype, weight dtype: "mixed" is bf16 activations against the fp32 master LM head
@@ -186,6 +190,14 @@ def _calls(s: Shapes) -> Iterator[tuple[str, str, Callable[[], None]]]:
             K.gae(_meta((b, t), c["dtype"]), _meta((b, t), c["dtype"]), _meta((b, t), c["mask"]), 0.99, 0.95)
 
         yield "gae", f"{c['dtype']} rewards/values, {c['mask']} mask", call
+    # The scans cut sequences longer than SINGLE_CHUNK_MAX into chunks (a second kernel adds the
+    # carries): at test-sized shapes too, one call with a long odd T reaches both kernels.
+    long_t = max(t, _LONG_SCAN_STEPS)
+    if long_t != t:
+        def call():
+            K.gae(_meta((b, long_t), "fp32"), _meta((b, long_t), "fp32"), _meta((b, long_t), "bool"), 0.99, 0.95)
+
+        yield "gae", f"fp32 rewards/values, bool mask, T={long_t} (chunked)", call
     for c in _covering({"dtype": "fp32", "mask": "bool", "channels": 2}, dtype=("bf16", "fp64"), mask=("fp32",),
                      channels=(1,)):
         def call(c=c):
@@ -193,6 +205,11 @@ def _calls(s: Shapes) -> Iterator[tuple[str, str, Callable[[], None]]]:
             K.discounted_returns(_meta((b, t, k), c["dtype"]), _meta((b, t), c["mask"]), [1.0, 0.99][:k])
 
         yield "discounted_returns", f"{c['dtype']} rewards, {c['mask']} mask, C={c['channels']}", call
+    if long_t != t:
+        def call():
+            K.discounted_returns(_meta((b, long_t, 2), "fp32"), _meta((b, long_t), "bool"), [1.0, 0.99])
+
+        yield "discounted_returns", f"fp32 rewards, bool mask, C=2, T={long_t} (chunked)", call
     for c in _covering({"dtype": "fp32", "est": "k1", "clamp": 10.0}, dtype=("bf16",), est=K.ESTIMATORS,
                      clamp=(None,)):
         def call(c=c):

@@ -546,7 +546,10 @@ def _assert_same(op: str, expected: object, got: object, tol: float = 1e-6, what
         if e.dtype == torch.bool:
             ok = torch.equal(e, g)
         else:
-            ok = torch.allclose(e, g, rtol=tol, atol=tol)
+            # Absolute error relative to the result's scale: the scans sum 16k fp32 terms, where
+            # the reference's own round-off (~1e-3 at gamma 1) is above a fixed 1e-4.
+            scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+            ok = torch.allclose(e, g, rtol=tol, atol=tol * scale)
         if not ok:
             raise RuntimeError(f"{op}: the {what} result differs from the baseline's")
 

@@ -123,3 +123,115 @@ def test_triton_interpreter_non_contiguous(triton_interpreter):
     expected = K.gae_reference(rewards, values, mask, 0.9, 0.9)
     for e, g in zip(expected, K.gae(rewards, values, mask, 0.9, 0.9)):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+# --- the chunked Triton scan (several programs per sequence, carries across chunks) ----------
+
+
+def _rows(steps, gen, boundary):
+    """A full row, a fully masked row, a length-1 row, a row ending at a chunk boundary (and one
+    past it), a row with holes."""
+    mask = torch.ones(6, steps, dtype=torch.bool)
+    mask[1] = False
+    mask[2, 1:] = False
+    mask[3, boundary:] = False
+    mask[4, boundary + 1:] = False
+    mask[5] = torch.rand(steps, generator=gen) > 0.3
+    return mask
+
+
+def _close_to_reference(got, expected):
+    # Chunks change the order of the roundings: by a few ulps of the largest value (<= 4 seen at
+    # T = 37 in chunks of 8), not of each value.
+    eps = torch.finfo(expected[0].dtype).eps
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=max(1e-6, 8 * eps * e.abs().max().item()))
+
+
+@pytest.mark.parametrize("chunk", [8, 24])
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (1.0, 1.0), (0.9, 0.0), (0.0, 0.5), (1.0, 0.3)])
+def test_triton_interpreter_chunked_matches_reference(triton_interpreter, monkeypatch, chunk, gamma, lam):
+    # T = 37 in chunks of 8 (five, the last ragged) or 24 (two; blocks of 8 inside a chunk).
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", str(chunk))
+    gen = torch.Generator().manual_seed(chunk)
+    rewards, values = torch.randn(6, 37, generator=gen), torch.randn(6, 37, generator=gen)
+    mask = _rows(37, gen, chunk)
+    expected = K.gae_reference(rewards, values, mask, gamma, lam)
+    got = K.gae(rewards, values, mask, gamma, lam)
+    _close_to_reference(got, expected)
+    assert (got[0][1] == 0).all() and (got[1][1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.int32)])
+def test_triton_interpreter_chunked_dtypes(triton_interpreter, monkeypatch, dtype, mask_dtype):
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", "8")
+    gen = torch.Generator().manual_seed(5)
+    rewards = torch.randn(6, 29, generator=gen).to(dtype)
+    values = torch.randn(6, 29, generator=gen).to(dtype)
+    mask = _rows(29, gen, 16).to(mask_dtype)
+    _close_to_reference(K.gae(rewards, values, mask, 0.999, 0.95), K.gae_reference(rewards, values, mask, 0.999, 0.95))
+
+
+def test_triton_interpreter_chunked_exact_sums(triton_interpreter, monkeypatch):
+    # gamma = lam = 1: the factor is exactly 1, and with integer rewards and values every partial sum
+    # is exact in fp32, so the chunked scan equals the reference bit for bit.
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", "8")
+    gen = torch.Generator().manual_seed(6)
+    rewards = torch.randint(-50, 50, (6, 37), generator=gen).float()
+    values = torch.randint(-50, 50, (6, 37), generator=gen).float()
+    mask = _rows(37, gen, 8)
+    for g, e in zip(K.gae(rewards, values, mask, 1.0, 1.0), K.gae_reference(rewards, values, mask, 1.0, 1.0)):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("steps, chunk", [(8, 8), (9, 8), (1, 8), (5, 64)])
+def test_triton_interpreter_chunk_edges(triton_interpreter, monkeypatch, steps, chunk):
+    # one whole chunk, a last chunk of one step, one step, a chunk longer than the sequence
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", str(chunk))
+    rewards, values = torch.randn(3, steps), torch.randn(3, steps)
+    mask = torch.ones(3, steps)
+    mask[1] = 0
+    _close_to_reference(K.gae(rewards, values, mask, 0.9, 0.8), K.gae_reference(rewards, values, mask, 0.9, 0.8))
+
+
+def test_chunk_choice():
+    from longcot.kernels._scan_inputs import CHUNK_ENV, scan_chunk_t
+
+    # on a GPU (blocks of 32): short sequences are one chunk, one launch
+    for steps in (1, 13, 1000, 1024):
+        assert scan_chunk_t(8, steps, 32, False) >= steps
+    # 8 sequences x 16k tokens: chunks of 256, 512 programs
+    chunk = scan_chunk_t(8, 16_384, 32, False)
+    assert chunk == 256 and 8 * (16_384 // chunk) == 512
+    # many sequences: longer chunks, as many programs as the GPU runs at once
+    chunk = scan_chunk_t(512, 16_384, 32, False)
+    assert chunk % 32 == 0 and 512 * -(-16_384 // chunk) <= 4096
+    # very long sequences: the carry walk (one step per chunk) stays no longer than a chunk
+    chunk = scan_chunk_t(1, 1 << 20, 32, False)
+    assert -(-(1 << 20) // chunk) <= chunk
+    # the interpreter: 16; forced: rounded up to whole blocks
+    assert scan_chunk_t(2, 100, 8, True) == 16
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CHUNK_ENV, "20")
+        assert scan_chunk_t(2, 100, 8, True) == 24
+        assert scan_chunk_t(2, 100, 32, False) == 32
+        mp.setenv(CHUNK_ENV, "8")
+        assert -(-10**6 // scan_chunk_t(1, 10**6, 8, True)) <= 65_535  # the grid's second axis
+        mp.setenv(CHUNK_ENV, "0")
+        with pytest.raises(ValueError, match=CHUNK_ENV):
+            scan_chunk_t(2, 100, 8, True)
+
+
+def test_scan_powers():
+    from longcot.kernels._scan_inputs import scan_params
+
+    p = scan_params([0.5, 1.0], torch.float32, torch.device("cpu"), [1.0, 0.5, 0.0], 300)
+    assert p.shape == (2 + 3 * 300,)
+    ones, halves, zeros = p[2:].view(3, 300)
+    assert (ones == 1).all() and (zeros == 0).all()
+    assert halves[0] == 0.5 and halves[9] == 0.5**10 and halves[-1] == 0  # underflows to 0 in fp32
+    # the factor is rounded to the compute dtype first, as the kernel holds it
+    p = scan_params([], torch.float32, torch.device("cpu"), [0.99 * 0.95], 3)
+    f = torch.tensor(0.99 * 0.95, dtype=torch.float32).double()
+    torch.testing.assert_close(p, (f ** torch.arange(1, 4)).float(), rtol=0, atol=0)

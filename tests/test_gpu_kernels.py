@@ -43,10 +43,12 @@ def test_discounted_returns_real_size():
     rewards = torch.randn(batch, steps, 3, device="cuda")
     mask = _right_padded(batch, steps)
     gammas = [1.0, 0.99, 0.5]
+    # Against float64: over thousands of steps the fp32 reference's own round-off is about the
+    # tolerance, and the chunked scan's sums round differently from its serial loop.
     torch.testing.assert_close(
         K.discounted_returns(rewards, mask, gammas),
-        K.discounted_returns_reference(rewards, mask, gammas),
-        rtol=1e-5, atol=1e-4,  # sums over thousands of steps
+        K.discounted_returns_reference(rewards.double(), mask, gammas).float(),
+        rtol=1e-5, atol=1e-4,
     )
 
 

@@ -104,3 +104,73 @@ def test_triton_interpreter_edge_shapes(triton_interpreter, shape):
         K.discounted_returns_reference(rewards, mask, gammas),
         rtol=1e-6, atol=1e-6,
     )
+
+
+# --- the chunked Triton scan (several programs per sequence, carries across chunks) ----------
+
+
+def _rows(steps, gen, boundary):
+    """A full row, a fully masked row, a length-1 row, a row ending at a chunk boundary (and one
+    past it), a row with holes."""
+    mask = torch.ones(6, steps, dtype=torch.bool)
+    mask[1] = False
+    mask[2, 1:] = False
+    mask[3, boundary:] = False
+    mask[4, boundary + 1:] = False
+    mask[5] = torch.rand(steps, generator=gen) > 0.3
+    return mask
+
+
+def _close_to_reference(got, expected):
+    # Chunks change the order of the roundings (the channel sum of the local returns plus that of
+    # the carries' contributions): by a few ulps of the largest value (<= 3 seen at T = 37 in
+    # chunks of 8), not of each value.
+    assert got.dtype == expected.dtype
+    eps = torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=max(1e-6, 8 * eps * expected.abs().max().item()))
+
+
+@pytest.mark.parametrize("chunk", [8, 24])
+@pytest.mark.parametrize("gammas", [[1.0], [1.0, 0.99, 0.5], [0.0, 1.0], [0.3, 0.9, 1.0, 0.0, 0.7]])
+def test_triton_interpreter_chunked_matches_reference(triton_interpreter, monkeypatch, chunk, gammas):
+    # T = 37 in chunks of 8 (five, the last ragged) or 24 (two; blocks of 8 inside a chunk); one to
+    # five channels with different discounts (five: a channel block of 8 with three masked off).
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", str(chunk))
+    gen = torch.Generator().manual_seed(chunk + len(gammas))
+    rewards = torch.randn(6, 37, len(gammas), generator=gen)
+    mask = _rows(37, gen, chunk)
+    got = K.discounted_returns(rewards, mask, gammas)
+    _close_to_reference(got, K.discounted_returns_reference(rewards, mask, gammas))
+    assert (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.float64, torch.uint8), (torch.bfloat16, torch.float32)])
+def test_triton_interpreter_chunked_dtypes(triton_interpreter, monkeypatch, dtype, mask_dtype):
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", "8")
+    gen = torch.Generator().manual_seed(7)
+    rewards = torch.randn(6, 29, 2, generator=gen).to(dtype)
+    mask = _rows(29, gen, 16).to(mask_dtype)
+    got = K.discounted_returns(rewards, mask, [1.0, 0.99])
+    _close_to_reference(got, K.discounted_returns_reference(rewards, mask, [1.0, 0.99]))
+
+
+def test_triton_interpreter_chunked_exact_sums(triton_interpreter, monkeypatch):
+    # gamma = 1: the factor is exactly 1, and with integer rewards every partial sum is exact in
+    # fp32, so the chunked scan equals the reference bit for bit (a gamma = 0 channel beside it).
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", "8")
+    gen = torch.Generator().manual_seed(8)
+    rewards = torch.randint(-50, 50, (6, 37, 2), generator=gen).float()
+    mask = _rows(37, gen, 8)
+    assert torch.equal(K.discounted_returns(rewards, mask, [1.0, 0.0]),
+                       K.discounted_returns_reference(rewards, mask, [1.0, 0.0]))
+
+
+@pytest.mark.parametrize("steps, chunk", [(8, 8), (9, 8), (1, 8), (5, 64)])
+def test_triton_interpreter_chunk_edges(triton_interpreter, monkeypatch, steps, chunk):
+    # one whole chunk, a last chunk of one step, one step, a chunk longer than the sequence
+    monkeypatch.setenv("LONGCOT_SCAN_CHUNK", str(chunk))
+    rewards = torch.randn(3, steps, 2)
+    mask = torch.ones(3, steps, dtype=torch.int64)
+    mask[1] = 0
+    got = K.discounted_returns(rewards, mask, [0.9, 1.0])
+    _close_to_reference(got, K.discounted_returns_reference(rewards, mask, [0.9, 1.0]))
