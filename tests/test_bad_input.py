@@ -99,9 +99,6 @@ CASES = [
     ("unknown reward", {}, ["train", "reward.channels.0.reward=cosin"],
      "reward.channels[0].reward: unknown reward 'cosin'"),
     ("value of the wrong type", {}, ["train", "steps=many"], "steps: expected an integer, got 'many'"),
-    ("early stop on repetition on the vLLM backend", {},
-     ["train", "rollout.backend=vllm", "rollout.stop_on_repetition.enabled=true"],
-     "rollout.stop_on_repetition.enabled: the vllm backend does not stop looping responses yet"),
     ("early stop on a first occurrence", {}, ["train", "rollout.stop_on_repetition.min_repeats=1"],
      "rollout.stop_on_repetition.min_repeats: expected >= 2"),
     # cuda:99 exists on no machine, so these rows read the same with or without a GPU.

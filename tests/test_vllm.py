@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("vllm")
 
 from test_trainer import LONGCOT, TINY  # noqa: E402
+from test_vllm_repetition_stop import _first_stop  # noqa: E402
 
 from longcot.engine.data import CHARSET  # noqa: E402
 from longcot.engine.models import build_char_tokenizer, build_tiny_model, save_model  # noqa: E402
@@ -94,6 +95,124 @@ def test_sampling_logprobs_match_trainer(setup):
     assert torch.equal(again.tokens, r.tokens)  # seeded
 
 
+def _spread(model: torch.nn.Module, seed: int = 2, std: float = 0.1) -> torch.nn.Module:
+    """The setup's model with random weights of std ``std``: greedy decoding of these prompts then
+    loops in some rows (at different steps), ends with an end-of-sequence token in others."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+STOP = (8, 3)  # an 8-gram's third occurrence (greedy: these rows loop with long periods)
+SAMPLED_STOP = (3, 3)  # at temperature 0.7 the loops are shorter
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_stop_on_repetition_stops_as_hf_does(setup, pad_is_eos):
+    """Greedy, the same weights on both backends, early stop on: the same tokens, lengths,
+    truncated and repetition_stop flags. A looping response stops at the token completing the
+    n-gram's k-th occurrence (found on the run without the rule); the others are bit-identical to
+    that run. With pad == eos a stopped response is still truncated."""
+    s = setup
+    model = _spread(s.model)
+    s.gen.update_weights(model)
+    eos = s.tok.eos_token_id
+    pad = eos if pad_is_eos else s.tok.pad_token_id
+    steps = 48
+    s.gen.pad_token_id = pad
+    try:
+        off = s.gen.generate(s.prompts, 1, 0.0, 1.0, steps)
+        on = s.gen.generate(s.prompts, 1, 0.0, 1.0, steps, stop_on_repetition=STOP)
+    finally:
+        s.gen.pad_token_id = s.tok.pad_token_id
+    hf = HFGenerator(model, eos, pad).generate(s.prompts, 1, 0.0, 1.0, steps, stop_on_repetition=STOP)
+    assert off.repetition_stop is None
+    expect = [_first_stop(row[:length], *STOP, eos) for row, length in zip(off.tokens.tolist(), off.lengths.tolist())]
+    assert on.repetition_stop.tolist() == [e > 0 for e in expect]
+    # Every ending occurs: stopped for looping, end-of-sequence, max_new_tokens.
+    assert set(on.stop_reasons()) == {"repetition", "eos", "length"}, (on.stop_reasons(), expect)
+    for i, e in enumerate(expect):
+        if e:
+            assert int(on.lengths[i]) == e and bool(on.truncated[i])
+            assert torch.equal(on.tokens[i, :e], off.tokens[i, :e]) and (on.tokens[i, e:] == pad).all()
+            assert (on.logprobs[i, e:] == 0).all()
+        else:  # untouched
+            width = int(off.lengths[i])
+            assert int(on.lengths[i]) == width and bool(on.truncated[i]) == bool(off.truncated[i])
+            assert torch.equal(on.tokens[i, :width], off.tokens[i, :width])
+            assert torch.allclose(on.logprobs[i, :width], off.logprobs[i, :width], atol=1e-5)
+    for name in ("tokens", "lengths", "truncated", "repetition_stop"):
+        assert torch.equal(getattr(on, name), getattr(hf, name)), name
+    assert (on.logprobs - hf.logprobs).abs().max() < 1e-3
+
+
+def test_stop_on_repetition_when_sampling(setup):
+    """Seeded sampling: the rule stops the responses that loop, where the run without it shows
+    the repeat; the other responses are the same as without the rule."""
+    s = setup
+    s.gen.update_weights(_spread(s.model))
+    eos = s.tok.eos_token_id
+    off = s.gen.generate(s.prompts, 4, 0.7, 1.0, 48, seed=5)
+    engine_generate, raw = s.gen.llm.generate, []
+    s.gen.llm.generate = lambda *a, **k: raw.extend(engine_generate(*a, **k)) or raw
+    try:
+        on = s.gen.generate(s.prompts, 4, 0.7, 1.0, 48, seed=5, stop_on_repetition=SAMPLED_STOP)
+    finally:
+        del s.gen.llm.generate
+    expect = [_first_stop(row[:length], *SAMPLED_STOP, eos) for row, length in zip(off.tokens.tolist(), off.lengths.tolist())]
+    assert on.repetition_stop.tolist() == [e > 0 for e in expect]
+    assert any(expect) and not all(expect)
+    # The engine stopped them: one forced end-of-sequence token after the stop, nothing more.
+    for e, out in zip(expect, raw):
+        if e:
+            assert len(out.outputs[0].token_ids) == e + 1 and out.outputs[0].token_ids[-1] == eos
+    cut = torch.tensor([e or length for e, length in zip(expect, off.lengths.tolist())])
+    assert torch.equal(on.lengths, cut)
+    assert torch.equal(on.truncated, off.truncated | on.repetition_stop)
+    assert torch.equal(on.tokens, off.tokens[:, : on.tokens.shape[1]].masked_fill(~on.mask, s.tok.pad_token_id))
+
+
+def test_engine_stops_only_the_requests_that_ask(setup):
+    """In the engine: a request with the option ends right after its stopping token with the
+    forced end-of-sequence token (log-prob 0; `generate` drops it) -- fewer tokens decoded; a
+    request without it (evaluation) in the same batch decodes exactly as it does alone."""
+    from vllm import SamplingParams
+
+    from longcot.engine.rollout.vllm_repetition_stop import EXTRA_ARG
+
+    s = setup
+    s.gen.update_weights(_spread(s.model))
+    eos = s.tok.eos_token_id
+
+    def params(opt: bool, row: int) -> SamplingParams:
+        return SamplingParams(temperature=0.7, seed=row, max_tokens=48, logprobs=0, stop_token_ids=[eos],
+                              detokenize=False, extra_args={EXTRA_ARG: [*SAMPLED_STOP, eos]} if opt else None)
+
+    inputs = [{"prompt_token_ids": p} for p in s.prompts for _ in range(4)]
+    alone = s.gen.llm.generate(inputs, [params(False, i) for i in range(len(inputs))], use_tqdm=False)
+    mixed = s.gen.llm.generate(inputs, [params(i % 2 == 0, i) for i in range(len(inputs))], use_tqdm=False)
+    stopped = 0
+    for i, (a, m) in enumerate(zip(alone, mixed)):
+        a, m = a.outputs[0], m.outputs[0]
+        if i % 2:
+            assert list(m.token_ids) == list(a.token_ids)
+            continue
+        stop = _first_stop(list(a.token_ids), *SAMPLED_STOP, eos)
+        if stop:
+            stopped += 1
+            assert list(m.token_ids) == list(a.token_ids)[:stop] + [eos]
+            assert m.logprobs[-1][eos].logprob == 0.0
+        else:
+            assert list(m.token_ids) == list(a.token_ids)
+    assert stopped >= 2
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -162,7 +281,8 @@ def test_sleep_wake_ordering_with_stand_in(tmp_path):
 def test_cli_train_and_resume_with_vllm_backend(tmp_path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run(
-        [LONGCOT, "train", *TINY, "rollout.backend=vllm", "rollout.vllm_kv_cache_gib=1", f"output_dir={tmp_path}"],
+        [LONGCOT, "train", *TINY, "rollout.backend=vllm", "rollout.vllm_kv_cache_gib=1", f"output_dir={tmp_path}",
+         "rollout.stop_on_repetition.enabled=true"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -270,12 +270,14 @@ class HFGenerator:
         has_eos = is_eos.any(dim=1)
         first_eos = is_eos.int().argmax(dim=1)
         lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, steps))
-        if looped is not None:  # a looping row ends at the token that completed its repeat
-            lengths = torch.where(looped > 0, looped, lengths)
+        truncated = ~has_eos
+        if looped is not None:  # a looping row ends at the token that completed its repeat, truncated
+            lengths = torch.where(looped > 0, looped, lengths)  # (the pad after it may be the eos id)
+            truncated |= looped > 0
         longest = int(lengths.max())
         if ents is not None:  # steps after a row's end-of-sequence hold pad tokens, not actions
             ents = ents[:, :longest] * (torch.arange(longest, device=device)[None, :] < lengths[:, None])
-        return tokens[:, :longest], logps[:, :longest], lengths, ~has_eos, ents, looped
+        return tokens[:, :longest], logps[:, :longest], lengths, truncated, ents, looped
 
 
 # --- sampling ----------------------------------------------------------------------------------

@@ -16,6 +16,16 @@ truncated, renormalised distribution's (larger than the trainer's by -log of the
 the trainer recomputes the old policy's log-probs itself, so training does not depend on them.
 vLLM's default, ``raw_logprobs``, is log-softmax before temperature and is not what we want.
 
+Early stop of looping responses (``generate(..., stop_on_repetition=(n, min_repeats))``, the HF
+backend's rule): the engine is started with the logits processor of `.vllm_repetition_stop`, which
+forces the end-of-sequence token on a request right after its newest token completed the
+``min_repeats``-th occurrence of an n-gram, so vLLM stops decoding it. The rollout is then made
+exactly as the HF backend makes it: the stops are found again from the returned tokens
+(`repetition_stops`, the same kernel and rule), a stopped response ends at its stopping token (the
+forced end-of-sequence token and its log-prob are dropped), is truncated and is flagged in
+`Rollout.repetition_stop`. With ``ignore_eos`` a forced end-of-sequence would not end a request,
+so the engine is not asked to stop; the responses are cut afterwards (same rollout, no time saved).
+
 On a GPU, ``sleep=True`` (the default there) starts the engine with ``enable_sleep_mode`` and
 puts it to sleep (level 1: weights offloaded, KV cache freed) after each ``generate``, so the
 KV cache does not sit in GPU memory while the trainer updates; ``update_weights`` wakes the
@@ -41,7 +51,10 @@ class VLLMGenerator:
     ``max_model_len``, ``kv_cache_gib`` -- the CPU build's KV-cache size, exported as
     ``VLLM_CPU_KVCACHE_SPACE``). ``sleep`` (default: on when CUDA is available) enables the
     GPU sleep/wake cycle described in the module docstring. ``eos_token_id`` and
-    ``pad_token_id`` default to the folder's config.
+    ``pad_token_id`` default to the folder's config. ``early_stop`` (default on; not with
+    speculative decoding, where vLLM refuses custom logits processors) registers the logits
+    processor that ends looping responses in the engine; without it ``stop_on_repetition`` still
+    gives the same rollout, cut after decoding.
     """
 
     def __init__(
@@ -52,6 +65,7 @@ class VLLMGenerator:
         pad_token_id: int | None = None,
         sleep: bool | None = None,
         kv_cache_gib: int | None = None,
+        early_stop: bool = True,
         llm: Any = None,
         **engine_options: Any,
     ):
@@ -66,6 +80,8 @@ class VLLMGenerator:
         self._kv_asleep = False
         self._weights_asleep = False
         self._prefix_stale = False
+        # Whether the engine has the processor that stops looping requests (`.vllm_repetition_stop`).
+        self.engine_early_stop = bool(early_stop) and llm is None and "speculative_config" not in engine_options
         if llm is not None:  # an engine (or a stand-in) built elsewhere
             self.llm = llm
             return
@@ -90,6 +106,10 @@ class VLLMGenerator:
             options["enable_sleep_mode"] = True
         if options["max_model_len"] is None:
             del options["max_model_len"]
+        if self.engine_early_stop:
+            from .vllm_repetition_stop import PATH
+
+            options["logits_processors"] = [*(options.get("logits_processors") or []), PATH]
         self.llm = LLM(model=self.model_path, **options)
 
     def close(self) -> None:
@@ -150,13 +170,25 @@ class VLLMGenerator:
         max_new_tokens: int,
         seed: int | None = None,
         ignore_eos: bool = False,
+        stop_on_repetition: tuple[int, int] | None = None,
     ) -> Rollout:
+        """Sample ``n`` responses per prompt; ``temperature=0`` decodes greedily.
+        ``stop_on_repetition=(n, k)`` ends a response at the token that completes the k-th
+        occurrence of an n-gram in it: truncated, flagged in `Rollout.repetition_stop` (as the
+        HF backend does; module docstring)."""
         check_generate_args(prompts, n, max_new_tokens)
+        if stop_on_repetition is not None and (stop_on_repetition[0] < 1 or stop_on_repetition[1] < 2):
+            raise ValueError(f"stop_on_repetition: expected (n >= 1, min_repeats >= 2), got {stop_on_repetition}")
         from vllm import SamplingParams
 
         greedy = temperature == 0
         expanded = [list(p) for p in prompts for _ in range(n)]
         index = torch.arange(len(prompts)).repeat_interleave(n)
+        extra = None
+        if stop_on_repetition is not None and self.engine_early_stop and not ignore_eos:
+            from .vllm_repetition_stop import EXTRA_ARG
+
+            extra = {EXTRA_ARG: [int(stop_on_repetition[0]), int(stop_on_repetition[1]), int(self.eos_token_id)]}
         # One request per response, each with its own seed derived from ``seed``: the same
         # seed gives the same rollout, and row order is explicit.
         params = [
@@ -171,6 +203,7 @@ class VLLMGenerator:
                 stop_token_ids=[] if ignore_eos else [self.eos_token_id],
                 ignore_eos=ignore_eos,
                 detokenize=False,
+                extra_args=extra,
             )
             for row in range(len(expanded))
         ]
@@ -186,20 +219,65 @@ class VLLMGenerator:
             ids = list(c.token_ids)
             rows.append(ids)
             logps.append([_chosen_logprob(entry, tok) for entry, tok in zip(c.logprobs or [], ids)])
-        steps = max(len(r) for r in rows)
+        cut = [0] * len(rows)
+        if stop_on_repetition is not None:
+            cut = repetition_stops(rows, stop_on_repetition[0], stop_on_repetition[1], self.eos_token_id, ignore_eos)
+        ends = []  # (length, ended with end-of-sequence)
+        for ids, stop in zip(rows, cut):
+            if stop:  # at the stopping token; a forced end-of-sequence after it is not the policy's
+                ends.append((stop, False))
+            elif not ignore_eos and self.eos_token_id in ids:
+                ends.append((ids.index(self.eos_token_id) + 1, True))
+            else:
+                ends.append((len(ids), False))
+        steps = max(length for length, _ in ends)
         tokens = torch.full((len(rows), steps), self.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(rows), steps), dtype=torch.float32)
         lengths = torch.zeros(len(rows), dtype=torch.long)
         truncated = torch.zeros(len(rows), dtype=torch.bool)
-        for i, (ids, lp) in enumerate(zip(rows, logps)):
-            ended = (not ignore_eos) and self.eos_token_id in ids
-            if ended:
-                ids = ids[: ids.index(self.eos_token_id) + 1]
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            logprobs[i, : len(ids)] = torch.tensor(lp[: len(ids)], dtype=torch.float32)
-            lengths[i] = len(ids)
+        for i, (ids, lp, (length, ended)) in enumerate(zip(rows, logps, ends)):
+            tokens[i, :length] = torch.tensor(ids[:length], dtype=torch.long)
+            logprobs[i, :length] = torch.tensor(lp[:length], dtype=torch.float32)
+            lengths[i] = length
             truncated[i] = not ended
-        return Rollout(expanded, index, tokens, lengths, truncated, logprobs)
+        looped = torch.tensor([stop > 0 for stop in cut]) if stop_on_repetition is not None else None
+        return Rollout(expanded, index, tokens, lengths, truncated, logprobs, None, looped)
+
+
+def repetition_stops(rows: list[list[int]], n: int, min_repeats: int, eos_token_id: int,
+                     ignore_eos: bool = False) -> list[int]:
+    """Per response (token ids), the length at which ``stop_on_repetition=(n, min_repeats)`` ends
+    it -- the position, counted from 1, of the token completing an n-gram's ``min_repeats``-th
+    occurrence, not an end-of-sequence token -- or 0 where the rule does not fire before the
+    response ends (its end-of-sequence token, unless ``ignore_eos``, or its last token). The HF
+    backend's decode loop applies the same rule with the same kernel
+    (`longcot.kernels.repetition_update`), one column per call."""
+    if not rows:
+        return []
+    from longcot.kernels import repetition_state, repetition_update
+
+    width = max(len(r) for r in rows)
+    stops = torch.zeros(len(rows), dtype=torch.long)
+    if width == 0:
+        return stops.tolist()
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    state = repetition_state(len(rows), width, n, "cpu")
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    for t in range(width):
+        active = (lengths > t) & ~done
+        if not bool(active.any()):
+            break
+        tok = tokens[:, t]
+        occurrences = repetition_update(state, tok, active=active).occurrences
+        stop = (occurrences >= min_repeats) & active & (tok != eos_token_id)
+        stops = torch.where(stop, t + 1, stops)
+        done |= stop
+        if not ignore_eos:
+            done |= active & (tok == eos_token_id)
+    return stops.tolist()
 
 
 def _chosen_logprob(entry: Any, token: int) -> float:
