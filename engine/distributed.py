@@ -175,24 +175,32 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
-def shard(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
+def shard(model: torch.nn.Module, reshard_after_forward: bool = True, bf16_compute: bool = False) -> torch.nn.Module:
     """FSDP2 over ``model``: each transformer layer its own unit (gathered for its forward and
-    freed after it when ``reshard_after_forward``), the rest (embeddings, final norm, LM or
-    value head) the root's. Gradients are summed over ranks, not averaged: the
-    trainer's losses are already divided by the global batch's token or response counts."""
-    from torch.distributed.fsdp import fully_shard
+    freed after it when ``reshard_after_forward``), the rest (embeddings, final norm, LM head)
+    the root's. Gradients are summed over ranks, not averaged: the trainer's losses are already
+    divided by the global batch's token or response counts.
+
+    ``bf16_compute`` (precision bf16-mixed): the fp32 master shards are gathered in bf16, the
+    forwards compute in it, and gradients are reduced in fp32. A critic's value head is a unit of
+    its own that stays fp32 (values are regression targets of returns, as on one process)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The LM head comes out of the policy's forward as a view, and the critic's values too; nothing
     # downstream writes into either in place, which is what the warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    layers = _decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-        layer.longcot_reshard_after_forward = reshard_after_forward
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
+        else MixedPrecisionPolicy()
+    head = getattr(model, "value_head", None)
+    units = [(layer, reshard_after_forward, mixed) for layer in _decoder_layers(model)]
+    if isinstance(head, torch.nn.Module):
+        units.append((head, reshard_after_forward, MixedPrecisionPolicy()))
     # The root keeps its parameters gathered after the forward: the loss uses the LM head right
     # after it, and the backward needs them at once anyway.
-    fully_shard(model, reshard_after_forward=False)
-    model.longcot_reshard_after_forward = False
+    units.append((model, False, mixed))
+    for module, reshard, policy in units:
+        fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
+        module.longcot_reshard_after_forward = reshard
     for m in _fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum

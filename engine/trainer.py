@@ -11,6 +11,7 @@ from its newest complete checkpoint instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -132,14 +133,20 @@ class PromptSampler:
         self.order = list(state["order"])
 
 
-def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad_id: int):
+def build_vllm_generator(cfg: TrainConfig, policy, tokenizer, run_dir: Path, pad_id: int, world: World | None = None):
     """A vLLM engine started once from the (warm-started) policy, saved to ``run_dir/rollout_init``;
-    afterwards the trainer only updates its weights in place."""
+    afterwards the trainer only updates its weights in place. On several processes every rank
+    starts its own engine (vLLM's ``external_launcher``: inside the torchrun process, one
+    engine per rank, tensor-parallel size 1) and samples its share of each step's prompts."""
     from .rollout import VLLMGenerator
 
+    world = world or World()
     r = cfg.rollout
-    path = save_model(policy, tokenizer, run_dir / "rollout_init")
+    path = run_dir / "rollout_init"
+    save_full_model(policy, tokenizer, path, world)
     options: dict[str, Any] = {"dtype": r.vllm_dtype, "kv_cache_gib": r.vllm_kv_cache_gib, "seed": cfg.seed}
+    if world.distributed:
+        options["distributed_executor_backend"] = "external_launcher"
     if cfg.model.resolved_device().type == "cuda":
         options.update(gpu_memory_utilization=r.gpu_memory_utilization, sleep=r.vllm_sleep)
     else:
@@ -252,7 +259,7 @@ class Trainer:
                                          cfg.logging.progress and world.main, self.log.log,
                                          validation_probe(cfg, s, self._greedy), self.precision, world))
         if cfg.rollout.resolved_backend() == "vllm":
-            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
+            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id, world)
         # With no KL term the reference is neither built nor run.
         self.reference = self._frozen_reference() if cfg.algorithm.kl_coef > 0 else None
         if self.reference is not None and world.main:
@@ -265,7 +272,7 @@ class Trainer:
             critic = (ValueModel.from_pretrained(cfg.model.critic_path, dtype=p.param_dtype, device=p.device)
                       if cfg.model.critic_path else ValueModel.from_causal_lm(full_copy(self.policy)))
             if world.distributed:
-                shard(critic, cfg.distributed.reshard_after_forward)
+                shard(critic, cfg.distributed.reshard_after_forward, p.name == "bf16-mixed")
         self._build_learners(critic)
 
         state.evals.append(self.evaluate(0))
@@ -301,7 +308,7 @@ class Trainer:
             critic = (ValueModel.from_causal_lm(full_copy(self.policy)) if saved.sharded else
                       ValueModel.from_pretrained(path / "critic", dtype=p.param_dtype, device=p.device))
             if world.distributed:
-                shard(critic, cfg.distributed.reshard_after_forward)
+                shard(critic, cfg.distributed.reshard_after_forward, p.name == "bf16-mixed")
         self._build_learners(critic)
         if saved.sharded:
             load_sharded_state(path, *self._checkpointed())
@@ -326,7 +333,7 @@ class Trainer:
 
         self.generator = self._hf_generator()
         if cfg.rollout.resolved_backend() == "vllm":
-            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id)
+            self.generator = build_vllm_generator(cfg, self.policy, self.tokenizer, self.run_dir, self.pad_id, world)
         # The run's config as continued (e.g. more steps), without `resume`: it describes the job.
         if world.main:
             dump_config(replace(cfg, resume=None), run_dir / "config.yaml")
@@ -336,13 +343,18 @@ class Trainer:
         state.summary.setdefault("resumed_from_steps", []).append(saved.step)
         return state
 
+    def _sampling_weights(self):
+        """The HF loop samples from the policy module itself: its full weights for the duration.
+        A vLLM engine has its own copy (updated after each step)."""
+        return self.world.unsharded(self.policy) if isinstance(self.generator, HFGenerator) else contextlib.nullcontext()
+
     def _use_task(self, s: Setup) -> Setup:
         self.policy, self.tokenizer, self.setup = s.policy, s.tokenizer, s
-        if self.world.distributed:
-            shard(self.policy, self.config.distributed.reshard_after_forward)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.precision: Precision = self.config.model.resolved_precision()
         self.device = self.precision.device
+        if self.world.distributed:
+            shard(self.policy, self.config.distributed.reshard_after_forward, self.precision.name == "bf16-mixed")
         self.sampler = PromptSampler(len(s.train.ids), self.config.seed)
         return s
 
@@ -451,7 +463,7 @@ class Trainer:
         """`greedy_accuracy` of the policy on the prompts, each rank decoding every world-size-th."""
         w, cfg = self.world, self.config
         mine = slice(w.rank, None, w.size)
-        with w.unsharded(self.policy):
+        with self._sampling_weights():
             part = greedy_accuracy(self.generator, self.tokenizer, prompts[mine], answers[mine],
                                    cfg.rollout.max_new_tokens, cfg.reward.verifier_timeout_s) if prompts[mine] \
                 else {"accuracy": 0.0, "response_length": 0.0, "truncation_rate": 0.0, "verifier_timeouts": 0, "n": 0}
@@ -480,7 +492,7 @@ class Trainer:
         # Only the RL rollouts stop looping responses early; evaluations decode to the end.
         if r.stop_on_repetition.enabled:
             options["stop_on_repetition"] = (r.stop_on_repetition.n, r.stop_on_repetition.min_repeats)
-        with world.unsharded(self.policy):
+        with self._sampling_weights():
             rollout = self.generator.generate([self.setup.train.ids[i] for i in idx], r.samples_per_prompt,
                                               r.temperature, r.top_p, r.max_new_tokens,
                                               seed=cfg.seed * 1_000_003 + step, **options)

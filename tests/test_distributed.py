@@ -88,6 +88,18 @@ def test_two_ranks_make_the_one_rank_run(tmp_path, algorithm, ppo_one_rank):
     assert len(list((checkpoint / "shards").glob("*.safetensors"))) == 2
 
 
+def test_bf16_mixed_gathers_bf16_and_trains_like_one_rank(tmp_path):
+    # FSDP's mixed-precision policy (bf16 gathers and compute, fp32 reduction) against one
+    # process's autocast: the same run to bf16's round-off.
+    extra = ["model.precision=bf16-mixed", "steps=2"]
+    single, double = one_rank(tmp_path / "one", *extra), two_ranks(tmp_path / "two", *extra)
+    for a, b in zip(rl_rows(single), rl_rows(double)):
+        for key in ("reward/mean", "response_length/mean", "grad_norm", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=5e-2), key
+    weights = final_weights(double)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
 def test_resume_across_world_sizes(tmp_path, ppo_one_rank):
     # 2 ranks for two steps, then 1 rank for the third.
     run = two_ranks(tmp_path / "a", "steps=2")
