@@ -449,9 +449,6 @@ class TrainConfig:
         if self.sft.enabled and self.sft.batch_size % size:
             raise ConfigError(f"sft.batch_size: {self.sft.batch_size} examples do not split evenly over "
                               f"{size} processes")
-        if self.rollout.resolved_backend() == "vllm":
-            raise ConfigError("rollout.backend: vllm on several processes is not supported yet; use "
-                              "rollout.backend=hf (each rank decodes its share with the HF loop)")
         if self.model.device.startswith("cuda:"):
             raise ConfigError(f"model.device: {self.model.device} on several processes; each rank takes "
                               "cuda:LOCAL_RANK, so set model.device=cuda (or auto)")

@@ -137,7 +137,9 @@ class VLLMGenerator:
         # CPU build keeps the LM head as its own (repacked) layer, which reloads only when its
         # own name comes. The tensors are the trainer's own; the loader copies them into the
         # engine's (possibly repacked) parameters.
-        weights = ((name, p.detach()) for name, p in model.named_parameters(remove_duplicate=False))
+        # A sharded (FSDP) parameter is gathered one at a time as the loader asks for it: the
+        # engine's copy is the only full one on the device.
+        weights = ((name, _full(p.detach())) for name, p in model.named_parameters(remove_duplicate=False))
         self.model_runner().reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         if self._kv_asleep:
             self._prefix_stale = True  # the KV cache is freed; reset once it is back
@@ -171,8 +173,12 @@ class VLLMGenerator:
         seed: int | None = None,
         ignore_eos: bool = False,
         stop_on_repetition: tuple[int, int] | None = None,
+        first_response: int = 0,
     ) -> Rollout:
         """Sample ``n`` responses per prompt; ``temperature=0`` decodes greedily.
+        ``first_response``: the index of this call's first response in a larger rollout split
+        across calls (a data-parallel rank's offset): each response's seed follows its index in
+        the whole rollout, so the split calls sample what one call would.
         ``stop_on_repetition=(n, k)`` ends a response at the token that completes the k-th
         occurrence of an n-gram in it: truncated, flagged in `Rollout.repetition_stop` (as the
         HF backend does; module docstring)."""
@@ -198,7 +204,7 @@ class VLLMGenerator:
                 top_p=1.0 if greedy else top_p,
                 top_k=0 if greedy else -1,
                 max_tokens=max_new_tokens,
-                seed=None if seed is None or greedy else seed * 1_000_003 + row,
+                seed=None if seed is None or greedy else seed * 1_000_003 + first_response + row,
                 logprobs=0,  # the sampled token's log-prob only
                 stop_token_ids=[] if ignore_eos else [self.eos_token_id],
                 ignore_eos=ignore_eos,
@@ -242,6 +248,11 @@ class VLLMGenerator:
             truncated[i] = not ended
         looped = torch.tensor([stop > 0 for stop in cut]) if stop_on_repetition is not None else None
         return Rollout(expanded, index, tokens, lengths, truncated, logprobs, None, looped)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor
 
 
 def repetition_stops(rows: list[list[int]], n: int, min_repeats: int, eos_token_id: int,
