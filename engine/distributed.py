@@ -71,9 +71,10 @@ class World:
             return tensor
         import torch.distributed as dist
 
-        out = tensor.clone()
+        # NCCL reduces CUDA tensors only; host numbers (flags, counts) travel through the device.
+        out = tensor.to(_collective_device(), copy=True)
         dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
-        return out
+        return out.to(tensor.device)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` (same shape on each) concatenated along dim 0 in rank order."""
@@ -81,9 +82,10 @@ class World:
             return tensor
         import torch.distributed as dist
 
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        local = tensor.to(_collective_device()).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(tensor.device)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (picklable; only ever objects this run made itself)."""
@@ -106,7 +108,7 @@ class World:
         forward and backward, so every rank must run as many of them as the busiest one."""
         if not self.distributed:
             return list(counts)
-        return self.max(torch.tensor(list(counts), dtype=torch.long, device=_collective_device())).tolist()
+        return self.max(torch.tensor(list(counts), dtype=torch.long)).tolist()
 
     # --- sharded models -------------------------------------------------------------------------
 
