@@ -148,13 +148,24 @@ def _covering(base: dict, **axes: Sequence) -> list[dict]:
     return [base] + [{**base, **{axis: v[i] for axis, v in others.items() if i < len(v)}} for i in range(rounds)]
 
 
+@contextlib.contextmanager
+def _allow_tf32() -> Iterator[None]:
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _calls(s: Shapes) -> Iterator[tuple[str, str, Callable[[], None]]]:
     """(op, description, call): the configurations whose launches differ.
 
     Every input dtype and every flag value of every kernel is compiled, not every combination:
     `token_logprobs` in full; `linear_token_logprobs` in each dtype with the trainer's gradients
-    (to hidden states and LM head, with and without the entropy bonus) and, for the mixed dtype
-    the trainer runs, the entropy-only gradient, a frozen LM head and detached hidden states; the
+    (to hidden states and LM head, with and without the entropy bonus), for the mixed dtype
+    the trainer runs, the entropy-only gradient, a frozen LM head and detached hidden states, and
+    for fp32 and mixed inputs the TF32 launches (``torch.backends.cuda.matmul.allow_tf32``); the
     per-token ops from the engine's configuration (fp32 inputs, a bool mask, k1 clamped at 10,
     two channels with a dense one, token ratios without a dual clip) plus a few that change
     every other option (`_covering`). The full product would be ~150 variants per shape set
@@ -185,6 +196,15 @@ def _calls(s: Shapes) -> Iterator[tuple[str, str, Callable[[], None]]]:
 
             yield ("linear_token_logprobs",
                    f"{label}, entropy={ent}, grad of {'+'.join(grads)} to {'+'.join(need)}", call)
+    # inputs with an fp32 operand take TF32 dots (other tiles) when torch allows TF32 matmuls
+    for label in ("fp32", "mixed"):
+        def call(hdt=_LINEAR_DTYPES[label][0], wdt=_LINEAR_DTYPES[label][1]):
+            with _allow_tf32():
+                hid, wt = _meta((n, h), hdt, grad=True), _meta((v, h), wdt, grad=True)
+                _backward(K.linear_token_logprobs(hid, wt, _meta((n,), "int64"), 0.7, True), ("logp", "ent"),
+                          [hid, wt])
+
+        yield "linear_token_logprobs", f"{label}, TF32, entropy=True, grad of logp+ent to hidden+weight", call
     for c in _covering({"dtype": "fp32", "mask": "bool"}, dtype=("bf16", "fp64"), mask=("fp32",)):
         def call(c=c):
             K.gae(_meta((b, t), c["dtype"]), _meta((b, t), c["dtype"]), _meta((b, t), c["mask"]), 0.99, 0.95)
@@ -426,6 +446,9 @@ def capture(shapes: Sequence[str] = ("small", "realistic")) -> list[Variant]:
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+# atomic read-modify-write instructions in the PTX (``atom.*``, and ``red.*``, an atomic whose
+# result is unused), predicated or not: a static count, one per instruction in the code
+_PTX_ATOMICS = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.M)
 
 
 def _parse_ptxas(log: str) -> tuple[int | None, int | None]:
@@ -476,7 +499,8 @@ def compile_one(job: dict) -> dict:
     regs, spills = _parse_ptxas(report)
     md = kernel.metadata
     return {"shared": int(md.shared), "num_warps": int(md.num_warps), "num_stages": int(md.num_stages),
-            "regs": regs, "spills": spills, "compile_s": round(seconds, 3)}
+            "regs": regs, "spills": spills, "atomics": len(_PTX_ATOMICS.findall(kernel.asm["ptx"])),
+            "compile_s": round(seconds, 3)}
 
 
 def _worker() -> int:
@@ -661,7 +685,7 @@ def print_table(rows: Sequence[dict], targets: Sequence[str]) -> None:
     print("\ncells: registers per thread (+ spill bytes), shared memory per block (! over the per-block "
           "limit), estimated resident warps per SM")
     print(f"\n{'kernel':<28} {'target':<7} {'variants':>8} {'max regs':>9} {'spilling':>9} {'max smem':>10} "
-          f"{'limit':>9} {'min warps/SM':>13}")
+          f"{'limit':>9} {'min warps/SM':>13} {'max atomics':>12}")
     summary: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         summary.setdefault((r["kernel"], r["target"]), []).append(r)
@@ -672,9 +696,10 @@ def print_table(rows: Sequence[dict], targets: Sequence[str]) -> None:
         spilling = sum(1 for r in ok if r["spills"])
         smem = max((r["shared"] for r in ok), default=0)
         warps = min((r["warps_per_sm"] for r in ok), default=0)
+        atomics = max((r.get("atomics", 0) for r in ok), default=0)
         note = f"  {errors} failed to compile" if errors else ""
         print(f"{kernel:<28} {target:<7} {len(group):>8} {regs:>9} {spilling:>9} {smem / 1024:>9.1f}K "
-              f"{TARGETS[target].smem_per_block / 1024:>8.1f}K {warps:>13}{note}")
+              f"{TARGETS[target].smem_per_block / 1024:>8.1f}K {warps:>13} {atomics:>12}{note}")
 
 
 def run(small: bool = False, json_path: str | None = None, targets: Sequence[str] = tuple(TARGETS),

@@ -12,8 +12,38 @@ Implementations:
   into d hidden (dx @ weight) and d weight (dx.T @ hidden), so no [N, V] tensor is ever held;
 - Triton (CUDA tensors; CPU tensors with ``LONGCOT_KERNELS=triton`` and ``TRITON_INTERPRET=1``):
   the forward tiles over tokens and vocabulary with ``tl.dot`` per tile and an online
-  log-sum-exp; the backward recomputes each (tokens, vocab) tile and adds its share of d hidden
-  and d weight with fp32 atomic adds.
+  log-sum-exp. The backward goes over the vocabulary in chunks of about ``BWD_CHUNK_BYTES`` of
+  d logits (1 GiB: 32,768 columns at N = 16,384 in bf16, 5 passes at V = 151,936): for each
+  chunk, ``_linear_dlogits_kernel`` recomputes the [N, chunk] logits tile by tile (a GEMM with an
+  elementwise epilogue) and writes d logits = d loss / d (hidden @ weight.T) in the products'
+  dtype; then cuBLAS forms d weight[chunk] = d logits.T @ hidden (complete: written once) and
+  d hidden += d logits @ weight[chunk] (summed over the chunks in fp32). No atomics: every output
+  element is written by one program or one GEMM.
+
+Why this backward. Per backward it costs 6 N V H flops (the logits recomputed once, two
+products), the same as the fused kernel it replaces, which accumulated d weight and d hidden
+with fp32 atomic adds from every (token block, vocabulary block) tile: N/64 adds per d weight
+element and V/128 per d hidden element in bf16 (N/32 and V/64 in fp32), 2.4e11 atomics at
+N = 16,384, V = 151,936, H = 4,096, and one 96-136 KB block per SM. The extra memory traffic is
+d logits written once and read twice, 3 N V bytes x its element size: 15 GB in bf16 at those
+sizes, ~5 ms at 3 TB/s against ~90 ms of tensor-core work for the 6.1e13 flops. A Triton-only
+backward in which each program owns a d hidden or d weight tile (no d logits buffer) would need
+the full H contraction of every logit it touches: at H = 4,096 either a [BLOCK, H] fp32
+accumulator per program (1 MB at 64 rows) or the logits recomputed H / BLOCK_H times (32x at
+BLOCK_H = 128); the d logits buffer and cuBLAS' per-architecture GEMMs avoid both.
+
+Precision. Log-probs and entropy are fp32 whatever the inputs. 16-bit inputs: the dots are
+tensor-core bf16/fp16 dots with fp32 accumulation, d logits are rounded to the inputs' dtype for
+the two products (as eager autograd of a bf16 LM head does), d weight and a one-chunk d hidden
+are rounded once from cuBLAS' fp32 accumulators, a multi-chunk d hidden sums the chunks in fp32
+(``out_dtype=torch.float32`` on CUDA, torch >= 2.8). Inputs with an fp32 operand (fp32, or bf16
+hidden states against an fp32 LM head): exact IEEE fp32 dots and fp32 d logits by default, the
+same as the reference (1e-5 in the tests); with ``torch.backends.cuda.matmul.allow_tf32`` (which
+``torch.set_float32_matmul_precision("high")`` sets) the Triton dots run on TF32 tensor cores and
+cuBLAS' fp32 products do too: emulated on the CPU at H = 4,096 with logits of std 4 and T = 0.7,
+logp moves by up to 6e-3 (operands rounded to TF32) to 3e-2 (truncated), entropy by up to 6e-3,
+and the gradients by up to 2e-3 of their largest element. The flag is read at the forward and
+the backward uses the same precision, so the recomputed logits agree with the saved log-sum-exp.
 
 The token's own logit enters logp linearly, so its gradient is separate from the softmax's:
 with x = hidden @ weight.T / T, d logp_n / d hidden_n = (weight[tok_n] - E_p[weight]) / T.
@@ -284,20 +314,30 @@ def _linear_fwd_kernel(
         tl.store(ent_ptr + rows64, log_s - u / s, mask=row_ok)
 
 
-def _linear_bwd_kernel(
-    h_ptr, w_ptr, tokens_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, NEED_H: tl.constexpr,
-    NEED_W: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+def _linear_dlogits_kernel(
+    h_ptr, w_ptr, tokens_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
+    N, H, v0, V_END, stride_hn, stride_hh, stride_wv, stride_wh, stride_dn, inv_t,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    """dl[n, c] = d loss / d (hidden @ weight.T)[n, v0 + c] for the vocabulary columns [v0, V_END):
+    one [BLOCK_N, BLOCK_V] tile of logits per program (a K loop of tl.dot over H), turned into
+    (onehot * g - p * (g + g_ent * (logp + ent))) / T and stored in dl's dtype. No atomics: each
+    program writes its own tile."""
+    # grouped order: GROUP_N row blocks sweep the vocabulary blocks together (L2 reuse of hidden)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V_END - v0, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first = (pid // per_group) * GROUP_N
+    size = min(num_n - first, GROUP_N)
+    pid_n = first + (pid % per_group) % size
+    pid_v = (pid % per_group) // size
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
+    cols = v0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V_END
     cols64 = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
@@ -327,66 +367,84 @@ def _linear_bwd_kernel(
         ent = tl.load(ent_ptr + rows64, mask=row_ok, other=0.0)
         ge = tl.load(g_ent_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
         coef = coef + ge[:, None] * (logp + ent[:, None])
-    dx = -p * coef + tl.where(cols64[None, :] == tok[:, None], g[:, None], 0.0)
-    # d loss / d (hidden @ weight.T) = dx / T; zero outside the valid tile
-    dx = tl.where(row_ok[:, None] & col_ok[None, :], dx * inv_t, 0.0)
-    if CAST_FP32:
-        dx_op = dx
-    else:
-        dx_op = dx.to(h_ptr.dtype.element_ty)
-    for k0 in range(0, H, BLOCK_H):
-        k = k0 + ks
-        k_ok = k < H
-        if NEED_H:
-            w_t = tl.load(w_ptr + cols64[:, None] * stride_wv + k[None, :] * stride_wh,
-                          mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if CAST_FP32:
-                w_t = w_t.to(tl.float32)
-            if IEEE:
-                dh = tl.dot(dx_op, w_t, input_precision="ieee")
-            else:
-                dh = tl.dot(dx_op, w_t)
-            tl.atomic_add(dh_ptr + rows64[:, None] * H + k[None, :], dh,
-                          mask=row_ok[:, None] & k_ok[None, :])
-        if NEED_W:
-            h = tl.load(h_ptr + rows64[:, None] * stride_hn + k[None, :] * stride_hh,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if CAST_FP32:
-                h = h.to(tl.float32)
-            if IEEE:
-                dw = tl.dot(tl.trans(dx_op), h, input_precision="ieee")
-            else:
-                dw = tl.dot(tl.trans(dx_op), h)
-            tl.atomic_add(dw_ptr + cols64[:, None] * H + k[None, :], dw,
-                          mask=col_ok[:, None] & k_ok[None, :])
+    dx = (tl.where(cols64[None, :] == tok[:, None], g[:, None], 0.0) - p * coef) * inv_t
+    tl.store(dl_ptr + rows64[:, None] * stride_dn + (cols64 - v0)[None, :],
+             dx.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch_config(hidden: torch.Tensor, weight: torch.Tensor, backward: bool, interpreted: bool) -> dict:
-    """Block sizes, num_warps and num_stages of the forward or backward kernel.
+# Bytes of the [N, columns] d logits buffer of one backward pass over a vocabulary chunk (the
+# Triton backward's work space; module-level so tests can force several chunks).
+BWD_CHUNK_BYTES = 1 << 30
+
+
+def _ieee(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the dots run in IEEE fp32: inputs with an fp32 operand, unless torch allows TF32 for
+    fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, set by
+    ``torch.set_float32_matmul_precision("high")``; off by default), the flag that also decides
+    the backward's cuBLAS products."""
+    fp32_operand = hidden.dtype == torch.float32 or weight.dtype == torch.float32
+    return fp32_operand and not torch.backends.cuda.matmul.allow_tf32
+
+
+def _launch_config(hidden: torch.Tensor, weight: torch.Tensor, backward: bool, interpreted: bool,
+                   ieee: bool | None = None) -> dict:
+    """Block sizes, num_warps and num_stages of the forward kernel or the backward's d logits
+    kernel (``ieee``: the dots' precision, ``_ieee(hidden, weight)`` when None).
 
     `longcot bench compile` (tests/test_compile_targets.py) compiles every variant for sm_80,
     sm_89 and sm_90 and checks them against the per-block shared-memory limits, sm_89's 99 KB
-    the smallest."""
+    the smallest; one configuration per variant serves all three targets."""
     if interpreted:  # tl.dot needs blocks >= 16; small ones keep the interpreter quick
-        return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-    if hidden.dtype == weight.dtype and hidden.element_size() == 2:
-        # 16-bit tensor-core dots: 48 KB of shared memory in the backward, 24 KB forward
-        return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
-    # fp32 and mixed inputs stage fp32 operands and run IEEE fp32 dots on the FMA units. With the
-    # 16-bit tiles the backward needed 112-144 KB of shared memory (over sm_89's 99 KB) and both
-    # kernels sat at 255 registers with spills; these take 16-24 KB, and at H = 4096 ptxas
-    # reports at most 8 bytes of spills on sm_80/sm_89/sm_90 (bench/RESULTS.md).
-    if backward:
-        return {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 16, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+        blocks = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+        return {**blocks, "GROUP_N": 2} if backward else blocks
+    if ieee is None:
+        ieee = _ieee(hidden, weight)
+    sixteen = hidden.dtype == weight.dtype and hidden.element_size() == 2
+    # Chosen from `longcot bench compile` at both shape sets (H = 24 and 4,096): the largest tiles
+    # with no spills on sm_80/sm_89/sm_90 for 16-bit inputs (bench/RESULTS.md has the table).
+    if not backward:
+        if sixteen:  # tensor-core dots: 24 KB of shared memory (36 KB on sm_90)
+            return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3}
+        if ieee:  # fp32 FMA dots (fp32 or mixed inputs): 16-20 KB
+            return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}
+        # TF32 tensor-core dots on fp32 operands: 20-28 KB (36-48 KB on sm_90)
+        return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}
+    # The d logits kernel is a GEMM with an elementwise epilogue.
+    if sixteen:  # tensor-core dots: 32-48 KB (64 KB on sm_90)
+        return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 4, "GROUP_N": 8}
+    if ieee:  # fp32 FMA dots: 20-24 KB
+        return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 16, "num_warps": 8, "num_stages": 3, "GROUP_N": 8}
+    # TF32 tensor-core dots: 36-48 KB (52-72 KB on sm_90)
+    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3, "GROUP_N": 8}
 
 
-def _dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> dict:
+def _dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool, ieee: bool) -> dict:
     # The interpreter's bf16 tl.dot returns garbage (DESIGN.md): it computes in fp32. On a GPU,
-    # fp32 inputs use IEEE fp32 dots (not TF32), to match the fp32 reference.
+    # inputs with an fp32 operand use IEEE fp32 dots unless TF32 is allowed (``_ieee``).
     fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
     mixed = hidden.dtype != weight.dtype
-    return {"CAST_FP32": interpreted or mixed or fp32, "IEEE": fp32 or mixed}
+    return {"CAST_FP32": interpreted or mixed or fp32, "IEEE": ieee}
+
+
+_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in fp32 (acc fp32). With 16-bit a and b on CUDA (torch >= 2.8) cuBLAS writes
+    the product in fp32 straight from its fp32 accumulators (``out_dtype``); elsewhere the
+    operands are cast to fp32 first: the product is never rounded to 16 bits either way."""
+    if a.dtype == b.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if _MM_OUT_DTYPE and a.dtype == b.dtype and a.device.type in ("cuda", "meta"):
+        return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    return acc.addmm_(a.float(), b.float())
+
+
+def _vocab_chunk(n: int, vocab: int, element_size: int, block_v: int) -> int:
+    """Columns of one backward pass: a [n, columns] d logits buffer of about BWD_CHUNK_BYTES, in
+    whole vocabulary blocks (at least one)."""
+    cols = BWD_CHUNK_BYTES // max(1, n * element_size)
+    return min(vocab, max(block_v, cols // block_v * block_v))
 
 
 class _TritonLinearTokenLogprobs(torch.autograd.Function):
@@ -398,17 +456,18 @@ class _TritonLinearTokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if return_entropy else lse
         interpreted = triton_interpreted()
-        blocks = _launch_config(hidden, weight, False, interpreted)
+        ieee = _ieee(hidden, weight)
+        blocks = _launch_config(hidden, weight, False, interpreted, ieee)
         if n:
             grid = (triton_cdiv(n, blocks["BLOCK_N"]),)
             jit(_linear_fwd_kernel)[grid](
                 hidden, weight, tokens, logp, lse, ent,
                 n, vocab, hdim, hidden.stride(0), hidden.stride(1),
                 weight.stride(0), weight.stride(1), 1.0 / temperature,
-                HAS_ENT=return_entropy, **_dot_flags(hidden, weight, interpreted), **blocks,
+                HAS_ENT=return_entropy, **_dot_flags(hidden, weight, interpreted, ieee), **blocks,
             )
         ctx.save_for_backward(hidden, weight, tokens, lse, *([ent] if return_entropy else []))
-        ctx.temperature = temperature
+        ctx.temperature, ctx.ieee = temperature, ieee
         ctx.set_materialize_grads(False)
         return (logp, ent) if return_entropy else logp
 
@@ -421,23 +480,63 @@ class _TritonLinearTokenLogprobs(torch.autograd.Function):
         ent = rest[0] if rest else lse
         n, hdim = hidden.shape
         vocab = weight.shape[0]
-        dh = torch.zeros((n, hdim), dtype=torch.float32, device=hidden.device) if need_h else lse
-        dw = torch.zeros((vocab, hdim), dtype=torch.float32, device=hidden.device) if need_w else lse
-        interpreted = triton_interpreted()
-        blocks = _launch_config(hidden, weight, True, interpreted)
-        if n:
-            grid = (triton_cdiv(n, blocks["BLOCK_N"]), triton_cdiv(vocab, blocks["BLOCK_V"]))
-            jit(_linear_bwd_kernel)[grid](
-                hidden, weight, tokens, lse, ent,
-                lse if g_logp is None else g_logp.contiguous(),
-                lse if g_ent is None else g_ent.contiguous(),
-                dh, dw, n, vocab, hdim, hidden.stride(0), hidden.stride(1),
-                weight.stride(0), weight.stride(1), 1.0 / ctx.temperature,
-                HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None,
-                NEED_H=need_h, NEED_W=need_w, **_dot_flags(hidden, weight, interpreted), **blocks,
+        dev = hidden.device
+        interpreted, ieee = triton_interpreted(), ctx.ieee
+        blocks = _launch_config(hidden, weight, True, interpreted, ieee)
+        # d logits in the inputs' dtype when both are 16-bit (tensor-core products), else fp32
+        sixteen = hidden.dtype == weight.dtype and hidden.element_size() == 2
+        dl_dtype = hidden.dtype if sixteen else torch.float32
+        # the products' operands in d logits' dtype: a 16-bit operand against fp32 d logits (mixed
+        # inputs) is cast, hidden once, weight a chunk at a time
+        h_op = (hidden if hidden.dtype == dl_dtype else hidden.to(dl_dtype)) if need_w else None
+        cols = _vocab_chunk(n, vocab, torch.finfo(dl_dtype).bits // 8, blocks["BLOCK_V"])
+        chunks = [(v0, min(vocab, v0 + cols)) for v0 in range(0, vocab if n else 0, cols)]
+        # d hidden sums over the vocabulary chunks: in place when it is fp32, else an fp32
+        # accumulator rounded once at the end; one chunk writes it directly in hidden's dtype
+        grad_h = dh = None
+        if need_h:
+            if len(chunks) == 1 and hidden.dtype == dl_dtype:
+                grad_h = torch.empty((n, hdim), dtype=hidden.dtype, device=dev)
+            else:
+                dh = torch.zeros((n, hdim), dtype=torch.float32, device=dev)
+        # d weight: each chunk writes its own rows, complete, in weight's dtype
+        grad_w = None
+        if need_w:
+            grad_w = (torch.empty_like(weight, memory_format=torch.contiguous_format) if n
+                      else torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        flags = _dot_flags(hidden, weight, interpreted, ieee)
+        kernel = jit(_linear_dlogits_kernel)
+        g_logp_arg = lse if g_logp is None else g_logp.contiguous()
+        g_ent_arg = lse if g_ent is None else g_ent.contiguous()
+        # The interpreter's fp32 -> bf16 cast truncates (DESIGN.md): there the kernel writes fp32
+        # and torch rounds to nearest, as the compiled kernel's cast does.
+        kernel_dtype = torch.float32 if interpreted else dl_dtype
+        for v0, v1 in chunks:
+            dl = torch.empty((n, v1 - v0), dtype=kernel_dtype, device=dev)
+            grid = (triton_cdiv(n, blocks["BLOCK_N"]) * triton_cdiv(v1 - v0, blocks["BLOCK_V"]),)
+            kernel[grid](
+                hidden, weight, tokens, lse, ent, g_logp_arg, g_ent_arg, dl,
+                n, hdim, v0, v1, hidden.stride(0), hidden.stride(1),
+                weight.stride(0), weight.stride(1), dl.stride(0), 1.0 / ctx.temperature,
+                HAS_G_LOGP=g_logp is not None, HAS_G_ENT=g_ent is not None, **flags, **blocks,
             )
-        grad_h = dh.to(hidden.dtype) if need_h else None
-        grad_w = dw.to(weight.dtype) if need_w else None
+            dl = dl.to(dl_dtype)
+            if need_h:
+                w_op = weight[v0:v1].to(dl_dtype)
+                if dh is None:
+                    torch.mm(dl, w_op, out=grad_h)
+                else:
+                    dh = _addmm_fp32(dh, dl, w_op)
+                del w_op
+            if need_w:
+                dw = grad_w[v0:v1]
+                if dw.dtype == dl_dtype:
+                    torch.mm(dl.T, h_op, out=dw)
+                else:
+                    dw.copy_(torch.mm(dl.T, h_op))
+            del dl
+        if dh is not None:
+            grad_h = dh.to(hidden.dtype)
         return grad_h, grad_w, None, None, None
 
 

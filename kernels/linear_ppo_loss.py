@@ -2,7 +2,8 @@
 
 Only the valid (masked-in) positions go through `linear_token_logprobs`, so padding costs no
 vocabulary work, and on the chunked CPU path and the Triton path the [tokens x vocab] logits are
-never held, forward or backward. The reference materialises them, as eager code does.
+never held, forward or backward (the Triton backward holds the d logits of one vocabulary chunk,
+about ``BWD_CHUNK_BYTES``, at a time). The reference materialises them, as eager code does.
 """
 
 from __future__ import annotations

@@ -50,6 +50,17 @@ def test_every_variant_compiles_within_the_shared_memory_limits(rows):
     assert {r["target"] for r in rows} == set(cb.TARGETS)
 
 
+def test_linear_kernels_have_no_atomics_and_bf16_ones_do_not_spill(rows):
+    linear = [r for r in rows if r["kernel"].startswith("_linear_")]
+    assert {r["kernel"] for r in linear} == {"_linear_fwd_kernel", "_linear_dlogits_kernel"}
+    # the backward's d hidden and d weight come from cuBLAS: no atom/red instruction in any PTX
+    assert all(r["atomics"] == 0 for r in linear), [(r["kernel"], r["variant"], r["target"]) for r in linear
+                                                    if r["atomics"]]
+    bf16 = [r for r in linear if r["signature"]["h_ptr"] == r["signature"]["w_ptr"] == "*bf16"]
+    assert bf16 and all(r["spills"] == 0 for r in bf16), [(r["kernel"], r["variant"], r["target"], r["spills"])
+                                                          for r in bf16 if r["spills"]]
+
+
 def test_capture_reaches_every_kernel_at_both_shapes(variants):
     for shapes in ("small", "realistic"):
         seen = {(v.module, v.kernel) for v in variants if any(u["shapes"] == shapes for u in v.uses)}
@@ -57,30 +68,39 @@ def test_capture_reaches_every_kernel_at_both_shapes(variants):
 
 
 def test_capture_records_the_launch_as_the_wrapper_makes_it(variants):
-    from longcot.kernels.linear_logprobs import _launch_config
+    from longcot.kernels.linear_logprobs import _launch_config, _vocab_chunk
 
     def find(kernel, shapes, **constexprs):
         return [v for v in variants if v.kernel == kernel and any(u["shapes"] == shapes for u in v.uses)
                 and all(v.constexprs.get(k) == x for k, x in constexprs.items())]
 
-    mixed = find("_linear_bwd_kernel", "realistic", HAS_G_LOGP=True, HAS_G_ENT=False, NEED_H=True, NEED_W=True,
-                 CAST_FP32=True)
-    assert {v.signature["h_ptr"] for v in mixed} == {"*fp32", "*bf16"}
+    exact = find("_linear_dlogits_kernel", "realistic", HAS_G_LOGP=True, HAS_G_ENT=False, CAST_FP32=True, IEEE=True)
+    assert {v.signature["h_ptr"] for v in exact} == {"*fp32", "*bf16"}
     hidden = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
     weight = torch.empty(2, 2, dtype=torch.float32, device="meta")
     config = _launch_config(hidden, weight, True, False)
-    (v,) = [v for v in mixed if v.signature["h_ptr"] == "*bf16"]
+    (v,) = [v for v in exact if v.signature["h_ptr"] == "*bf16"]
+    assert v.signature["dl_ptr"] == "*fp32"  # mixed inputs: fp32 d logits
     assert v.options == {k: config[k] for k in ("num_stages", "num_warps")}
-    assert {k: v.constexprs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")} == {
-        k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+    blocks = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP_N")
+    assert {k: v.constexprs[k] for k in blocks} == {k: config[k] for k in blocks}
     # unit strides become constants; the realistic sizes (H = 4096) are divisible by 16, small ones not
     assert v.constexprs["stride_hh"] == 1 and v.signature["stride_hh"] == "constexpr"
     assert v.attrs["H"] == "D" and v.attrs["h_ptr"] == "D"
-    grid = {tuple(u["grid"]) for u in v.uses}
+    # one launch per vocabulary chunk: whole chunks and the tail share the variant
     n, vocab = cb.SHAPES["realistic"].tokens, cb.SHAPES["realistic"].vocab
-    assert grid == {(-(-n // config["BLOCK_N"]), -(-vocab // config["BLOCK_V"]))}
-    small = find("_linear_bwd_kernel", "small", CAST_FP32=True)
+    cols = _vocab_chunk(n, vocab, 4, config["BLOCK_V"])
+    widths = {min(cols, vocab - v0) for v0 in range(0, vocab, cols)}
+    assert len(widths) == 2
+    assert {tuple(u["grid"]) for u in v.uses} == {(-(-n // config["BLOCK_N"]) * -(-w // config["BLOCK_V"]),)
+                                                  for w in widths}
+    small = find("_linear_dlogits_kernel", "small", CAST_FP32=True)
     assert small and all(v.attrs["H"] == "" for v in small)
+    # bf16 inputs: bf16 d logits and tensor-core dots; TF32 launches for fp32 and mixed inputs
+    assert {v.signature["dl_ptr"] for v in find("_linear_dlogits_kernel", "realistic", CAST_FP32=False)} == {"*bf16"}
+    tf32 = find("_linear_dlogits_kernel", "realistic", CAST_FP32=True, IEEE=False)
+    assert {v.signature["h_ptr"] for v in tf32} == {"*fp32", "*bf16"}
+    assert find("_linear_fwd_kernel", "realistic", CAST_FP32=True, IEEE=False)
     # token_logprobs picks its vocabulary block from V: 64 at V = 50, 4096 at V = 151,936
     assert {v.constexprs["BLOCK_V"] for v in find("_token_logprobs_fwd_kernel", "small")} == {64}
     assert {v.constexprs["BLOCK_V"] for v in find("_token_logprobs_fwd_kernel", "realistic")} == {4096}
