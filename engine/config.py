@@ -79,6 +79,7 @@ class ModelConfig:
 @dataclass
 class AdditionConfig:
     digits: int = 3
+    operands: int = 2
     n_train: int = 4000
     n_heldout: int = 256
 
@@ -86,11 +87,30 @@ class AdditionConfig:
         _positive(self, "digits", "n_train", "n_heldout")
         if not 1 <= self.digits <= 6:
             raise ConfigError(f"digits: expected an integer in [1, 6], got {self.digits}")
+        if not 2 <= self.operands <= 4:
+            raise ConfigError(f"operands: expected an integer in [2, 4], got {self.operands}")
+
+
+@dataclass
+class ReflectConfig:
+    # task=addition_reflect's demonstrations, per column (engine/data/addition_reflect.py): a
+    # one-shot sum made wrong and then checked, a correct one checked anyway, a check repeated.
+    # (examples/paper_s4's values, which gave the SFT policy a measured trade-off; bench/RESULTS.md)
+    mistake_rate: float = 0.3
+    check_rate: float = 0.5
+    recheck_rate: float = 0.1
+
+    def check(self) -> None:
+        for key in ("mistake_rate", "check_rate", "recheck_rate"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key}: expected a number in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
 class DataConfig:
-    task: Literal["addition", "file"] = "addition"
+    # addition: the built-in task; addition_reflect: its variant where checking a column pays
+    # (engine/data/addition_reflect.py); file: prompts from data.path.
+    task: Literal["addition", "addition_reflect", "file"] = "addition"
     path: str | None = None  # JSONL or Parquet prompts, for task=file
     question_field: str = "problem"
     answer_field: str = "answer"
@@ -105,6 +125,7 @@ class DataConfig:
     # strict makes the first one an error naming its file and line.
     strict: bool = False
     addition: AdditionConfig = field(default_factory=AdditionConfig)
+    reflect: ReflectConfig = field(default_factory=ReflectConfig)
 
     def check(self) -> None:
         _positive(self, "max_prompt_tokens")
@@ -378,6 +399,13 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True  # written when the tensorboard package is installed
     plots: bool = True
+    # n of the repetition_rate / repetition_ratio metrics; null: the repetition channel's n (40
+    # without one). Set it to compare runs with and without the channel on the same metric.
+    repetition_n: int | None = None
+
+    def check(self) -> None:
+        if self.repetition_n is not None:
+            _positive(self, "repetition_n")
 
 
 @dataclass
@@ -414,15 +442,16 @@ class TrainConfig:
                 f"(rollout.prompts_per_step x rollout.samples_per_prompt = {responses}), "
                 f"got {self.algorithm.mini_batch_size}"
             )
-        if self.data.task == "addition":
+        if self.data.task in ("addition", "addition_reflect"):
             from .data.addition import problem_count
 
-            a, space = self.data.addition, problem_count(self.data.addition.digits)
+            a = self.data.addition
+            space = problem_count(a.digits, a.operands)
             if a.n_train + a.n_heldout + self.sft.eval_size > space:
                 raise ConfigError(
                     f"data.addition.n_train: {a.n_train} train + {a.n_heldout} held-out + "
                     f"{self.sft.eval_size} validation (sft.eval_size) problems requested, but only "
-                    f"{space} distinct {a.digits}-digit problems exist"
+                    f"{space} distinct {a.operands}-operand {a.digits}-digit problems exist"
                 )
         if self.data.task == "file" and self.model.path is None:
             raise ConfigError("model.path: required when data.task is 'file' (the built-in tiny "

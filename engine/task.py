@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .data import addition
+from .data import addition, addition_reflect
 from .data.datasets import (
     DataError,
     apply_template,
@@ -62,7 +62,7 @@ def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup
                 resolve_dataset(data.heldout_path)[0], data.question_field, data.answer_field)
         sft_records = load_sft_records(data.sft_path) if data.sft_path else []
     if cfg.model.path is None:
-        tokenizer = build_char_tokenizer(addition.CHARSET)
+        tokenizer = build_char_tokenizer(addition_reflect.CHARSET if data.task == "addition_reflect" else addition.CHARSET)
         t = cfg.model.tiny
         if policy_path is None:
             policy = build_tiny_model(tokenizer, layers=t.layers, hidden=t.hidden, heads=t.heads, seed=cfg.seed)
@@ -75,9 +75,16 @@ def setup_task(cfg: TrainConfig, policy_path: str | Path | None = None) -> Setup
         enable_gradient_checkpointing(policy, cfg.model.checkpoint_mlp_tile_tokens)
     eos = tokenizer.eos_token_id
 
-    if data.task == "addition":
+    if data.task in ("addition", "addition_reflect"):
         a = data.addition
-        task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed, n_valid=cfg.sft.eval_size)
+        if data.task == "addition":
+            task = addition.make_addition_task(a.digits, a.n_train, a.n_heldout, seed=cfg.seed,
+                                               operands=a.operands, n_valid=cfg.sft.eval_size)
+        else:
+            r = data.reflect
+            task = addition_reflect.make_reflect_task(
+                a.digits, a.operands, a.n_train, a.n_heldout, seed=cfg.seed, n_valid=cfg.sft.eval_size,
+                rates=addition_reflect.ReflectRates(r.mistake_rate, r.check_rate, r.recheck_rate))
 
         def prompts(problems) -> Prompts:
             return Prompts([_encode(tokenizer, p.prompt) for p in problems], [p.answer for p in problems])

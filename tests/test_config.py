@@ -101,3 +101,10 @@ def test_algorithm_parity_keys():
     with pytest.raises(ConfigError, match=r"^rollout\.samples_per_prompt: reinforce_baseline needs at least 2"):
         load_config(None, ["algorithm.name=reinforce_baseline", "rollout.samples_per_prompt=1",
                            "algorithm.mini_batch_size=16"])
+
+
+def test_repetition_metric_n_is_checked_and_defaults_to_the_channels():
+    assert load_config(None, []).logging.repetition_n is None
+    assert load_config(None, ["logging.repetition_n=12"]).logging.repetition_n == 12
+    with pytest.raises(ConfigError, match=r"^logging\.repetition_n"):
+        load_config(None, ["logging.repetition_n=0"])
