@@ -212,6 +212,11 @@ class Trainer:
         cfg = self.config
         self.wall_start = time.perf_counter()
         state = self._new_run() if cfg.resume is None else self._resume(Path(cfg.resume))
+        if (cfg.resume is not None and cfg.eval_every and 0 < state.step < cfg.steps
+                and state.step % cfg.eval_every == 0 and all(e["step"] != state.step for e in state.evals)):
+            # A run given more steps than it ended with: its last checkpoint precedes its final
+            # evaluation, so the periodic one an uninterrupted run makes at this step is made now.
+            state.evals.append(self.evaluate(state.step))
         self.wall_start -= state.wall_seconds
         rl_start = time.perf_counter() - state.rl_seconds
         bar = tqdm(total=cfg.steps, initial=state.step, desc="rl", dynamic_ncols=True,
@@ -762,7 +767,8 @@ class Trainer:
         mask = exp.sb.mask
         valid = mask.sum().clamp_min(1)
         lengths = rollout.lengths.float()
-        rep_n = next((int(c.params.get("n", 40)) for c in self.config.reward.channels if c.reward == "repetition"), 40)
+        rep_n = self.config.logging.repetition_n or next(
+            (int(c.params.get("n", 40)) for c in self.config.reward.channels if c.reward == "repetition"), 40)
         # Computed where the step's tensors live and read back in one host sync.
         on_device = {
             "reward/mean": rewards.sum(dim=(1, 2)).mean(),

@@ -114,6 +114,17 @@ def test_incomplete_checkpoints_and_leftovers_are_never_picked(tmp_path, uninter
     assert steps_on_disk(run_dir) == ["step-000006", "step-000007", "step-000010", "step-000011"]
 
 
+def test_a_run_given_more_steps_evaluates_where_an_uninterrupted_one_would(tmp_path):
+    # The 2-step run's last checkpoint precedes its final evaluation; continued to 3 steps it must
+    # still hold the periodic evaluation of step 2 (made on resume), as a 3-step run does.
+    short = Trainer(load_config(None, [*SMALL, "steps=2", "eval_every=1", f"output_dir={tmp_path / 'a'}"])).fit()
+    Trainer(load_config(None, [f"resume={short['run_dir']}", "steps=3"])).fit()
+    full = Trainer(load_config(None, [*SMALL, "steps=3", "eval_every=1", f"output_dir={tmp_path / 'b'}"])).fit()
+    got, want = untimed(rows(short["run_dir"])), untimed(rows(full["run_dir"]))
+    assert [r["step"] for r in got if r["phase"] == "eval"] == [0, 1, 2, 3]
+    assert got == want
+
+
 def test_overrides_on_resume_set_the_optimiser_hyper_parameters(tmp_path, uninterrupted):
     """The checkpoint brings back Adam's moments; betas and weight decay come from the config."""
     run_dir = copy_run(uninterrupted, tmp_path)
