@@ -40,6 +40,14 @@ def _bench(args: argparse.Namespace) -> int:
     raise AssertionError(args.suite)  # argparse restricts the choices
 
 
+def _replicate(args: argparse.Namespace) -> int:
+    from longcot.bench import paper_s4
+
+    if args.seeds < 1 or args.jobs < 1:
+        raise SystemExit("longcot replicate: --seeds and --jobs must be >= 1")
+    return paper_s4.run(seeds=args.seeds, quick=args.quick, out=args.out, jobs=args.jobs)
+
+
 def _load(args: argparse.Namespace):
     from .config import load_config
 
@@ -122,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. temperature=0.6 max_new_tokens=4096 limit=50 backend=vllm (see EvalConfig)",
     )
     evaluate.set_defaults(func=_eval)
+
+    replicate = commands.add_parser(
+        "replicate", help="reproduce a paper experiment on the built-in reflection task",
+        description="s4: section 4 of Yeo et al. (2025), the reward's effect on length -- classic vs cosine "
+                    "reward at a tight budget, the repetition penalty at a long one, its gamma -- every arm of "
+                    "examples/paper_s4/ from one SFT policy per seed; writes summary.json, table.md and figures.",
+    )
+    replicate.add_argument("experiment", choices=["s4"])
+    replicate.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    replicate.add_argument("--quick", action="store_true", help="a few steps of each arm on one seed: a smoke run")
+    replicate.add_argument("--out", metavar="DIR", default=None,
+                           help="output folder (default bench/out/paper_s4, --quick: bench/out/paper_s4-quick); "
+                                "finished runs in it are reused")
+    replicate.add_argument("--jobs", type=int, default=2, help="runs at a time, the cores split between them (default 2)")
+    replicate.set_defaults(func=_replicate)
 
     bench = commands.add_parser("bench", help="run a benchmark suite and write its JSON")
     bench.add_argument("suite", choices=["kernels", "step", "peers", "compile", "rollout"],
