@@ -577,7 +577,9 @@ def _save(fig, ax, title: str, path: Path) -> Path:
 
 def run(seeds: int = 3, quick: bool = False, out: str | None = None, jobs: int = 2,
         config_dir: Path = EXAMPLES) -> int:
-    out_dir = Path(out or ("bench/out/paper_s4-quick" if quick else "bench/out/paper_s4"))
+    # Absolute, so that the runs' recorded settings (output_dir, model.path) and their reuse do
+    # not depend on the folder the command starts in.
+    out_dir = Path(out or ("bench/out/paper_s4-quick" if quick else "bench/out/paper_s4")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = run_experiment(out_dir, list(range(seeds)), quick, jobs, config_dir)
     (out_dir / "runs.json").write_text(json.dumps(raw) + "\n")

@@ -101,9 +101,12 @@ class ReflectConfig:
     recheck_rate: float = 0.1
 
     def check(self) -> None:
-        for key in ("mistake_rate", "check_rate", "recheck_rate"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"{key}: expected a number in [0, 1], got {getattr(self, key)}")
+        from .data.addition_reflect import ReflectRates
+
+        try:
+            ReflectRates(self.mistake_rate, self.check_rate, self.recheck_rate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -46,7 +46,7 @@ class ReflectRates:
         for name in ("mistake_rate", "check_rate", "recheck_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"ReflectRates: {name} must be a number in [0, 1], got {value!r}")
+                raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
 
 
 def column_terms(numbers: Sequence[int]) -> list[list[int]]:
