@@ -43,9 +43,10 @@ def _bench(args: argparse.Namespace) -> int:
 def _replicate(args: argparse.Namespace) -> int:
     from longcot.bench import paper_s4
 
-    if args.seeds < 1 or args.jobs < 1:
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    if seeds < 1 or args.jobs < 1:
         raise SystemExit("longcot replicate: --seeds and --jobs must be >= 1")
-    return paper_s4.run(seeds=args.seeds, quick=args.quick, out=args.out, jobs=args.jobs)
+    return paper_s4.run(seeds=seeds, quick=args.quick, out=args.out, jobs=args.jobs)
 
 
 def _load(args: argparse.Namespace):
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples/paper_s4/ from one SFT policy per seed; writes summary.json, table.md and figures.",
     )
     replicate.add_argument("experiment", choices=["s4"])
-    replicate.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    replicate.add_argument("--quick", action="store_true", help="a few steps of each arm on one seed: a smoke run")
+    replicate.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 1)")
+    replicate.add_argument("--quick", action="store_true", help="two RL steps of each arm: a smoke run")
     replicate.add_argument("--out", metavar="DIR", default=None,
                            help="output folder (default bench/out/paper_s4, --quick: bench/out/paper_s4-quick); "
                                 "finished runs in it are reused")

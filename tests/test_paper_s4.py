@@ -56,8 +56,10 @@ def _png_size(path) -> tuple[int, int]:
 
 
 def test_quick_run_writes_every_file(tmp_path, capsys):
+    from longcot.engine.cli import main
+
     out = tmp_path / "s4"
-    assert paper_s4.run(seeds=1, quick=True, out=str(out), jobs=2) == 0
+    assert main(["replicate", "s4", "--quick", "--out", str(out)]) == 0  # one seed by default
     raw = json.loads((out / "runs.json").read_text())
     assert sorted(r["arm"] for r in raw["runs"]) == sorted(a.name for a in ARMS)
     for r in raw["runs"]:
