@@ -125,6 +125,33 @@ def sft_job(spec: dict) -> dict:
     return {"model": str(model), "sft": summary, "tradeoff": tradeoff(cfg, model, spec["samples"])}
 
 
+class _Sampler:
+    """A saved policy sampled at the rollouts' settings (temperature, top-p, budget of ``cfg``)
+    on the arms' device, each response decoded and scored by the training verifier."""
+
+    def __init__(self, cfg, model_dir):
+        from longcot.engine.models import load_policy
+        from longcot.engine.rollout import HFGenerator
+
+        self.cfg = cfg
+        policy, self.tok = load_policy(model_dir, device=cfg.model.resolved_device())
+        self.gen = HFGenerator(policy, self.tok.eos_token_id, self.tok.pad_token_id)
+
+    def __call__(self, prompts: list[list[int]], refs: list[str], n: int, seed: int,
+                 heads: list[str] | None = None):
+        """(rollout, texts, correct) for ``n`` samples of each prompt; ``refs`` per response.
+        ``heads``: text each prompt already ends with, scored with its continuation."""
+        from longcot.engine.rewards.verifier import verify_batch
+        from longcot.engine.rollout.base import response_texts
+
+        r = self.cfg.rollout
+        rollout = self.gen.generate(prompts, n=n, temperature=r.temperature, top_p=r.top_p,
+                                    max_new_tokens=r.max_new_tokens, seed=seed)
+        texts = response_texts(self.tok, rollout)
+        scored = texts if heads is None else [h + t for h, t in zip(heads, texts)]
+        return rollout, texts, verify_batch(scored, refs, self.cfg.reward.verifier_timeout_s)[0]
+
+
 def tradeoff(cfg, model_dir: Path, samples: int) -> dict:
     """What a reflection step is worth to the SFT policy, on the held-out problems.
 
@@ -135,22 +162,12 @@ def tradeoff(cfg, model_dir: Path, samples: int) -> dict:
     line (`addition_reflect.audit`)."""
     from longcot.engine.data.addition_reflect import CHECK_WORD, audit
     from longcot.engine.metrics import reflection_counts
-    from longcot.engine.models import load_policy
-    from longcot.engine.rewards.verifier import verify_batch
-    from longcot.engine.rollout import HFGenerator
-    from longcot.engine.rollout.base import response_texts
     from longcot.engine.task import setup_task
 
-    setup = setup_task(cfg)  # the seed's held-out problems
-    policy, tok = load_policy(model_dir, device=cfg.model.resolved_device())  # the arms' device
-    gen = HFGenerator(policy, tok.eos_token_id, tok.pad_token_id)
-    r = cfg.rollout
-    prompts, answers = setup.heldout.ids, setup.heldout.answers
-    rollout = gen.generate(prompts, n=samples, temperature=r.temperature, top_p=r.top_p,
-                           max_new_tokens=r.max_new_tokens, seed=cfg.seed)
-    texts = response_texts(tok, rollout)
-    refs = [a for a in answers for _ in range(samples)]
-    correct, _ = verify_batch(texts, refs, cfg.reward.verifier_timeout_s)
+    heldout = setup_task(cfg).heldout  # the seed's held-out problems
+    sample = _Sampler(cfg, model_dir)
+    refs = [a for a in heldout.answers for _ in range(samples)]
+    rollout, texts, correct = sample(heldout.ids, refs, samples, cfg.seed)
     lengths = rollout.lengths.tolist()
     reflects = [sum(reflection_counts([t]).values()) > 0 for t in texts]
 
@@ -170,12 +187,9 @@ def tradeoff(cfg, model_dir: Path, samples: int) -> dict:
             forced[name] = {"accuracy": float("nan"), "length": float("nan"), "n": 0}
             continue
         heads = [texts[i].split("\n")[0] + "\n" + word for i in rows]
-        head_ids = [tok(h, add_special_tokens=False)["input_ids"] for h in heads]
-        cont = gen.generate([rollout.prompts[i] + h for i, h in zip(rows, head_ids)], n=1,
-                            temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            seed=cfg.seed + 1)
-        full = [h + c for h, c in zip(heads, response_texts(tok, cont))]
-        ok, _ = verify_batch(full, [refs[i] for i in rows], cfg.reward.verifier_timeout_s)
+        head_ids = [sample.tok(h, add_special_tokens=False)["input_ids"] for h in heads]
+        cont, _, ok = sample([rollout.prompts[i] + h for i, h in zip(rows, head_ids)],
+                             [refs[i] for i in rows], 1, cfg.seed + 1, heads=heads)
         lens = [len(h) + n for h, n in zip(head_ids, cont.lengths.tolist())]
         forced[name] = {"accuracy": sum(ok) / max(1, len(ok)), "length": sum(lens) / max(1, len(lens)),
                         "n": len(ok)}
@@ -195,22 +209,14 @@ def sampled_job(spec: dict) -> dict:
     response is right."""
     _threads(spec["threads"])
     from longcot.engine.config import load_config
-    from longcot.engine.models import load_policy
-    from longcot.engine.rewards.verifier import verify_batch
-    from longcot.engine.rollout import HFGenerator
-    from longcot.engine.rollout.base import response_texts
     from longcot.engine.task import setup_task
 
     cfg = load_config(spec["config"], spec["overrides"])
     heldout = setup_task(cfg).heldout
-    r, n, out = cfg.rollout, spec["samples"], {}
+    n, out = spec["samples"], {}
+    refs = [a for a in heldout.answers for _ in range(n)]
     for name, folder in spec["models"].items():
-        policy, tok = load_policy(folder, device=cfg.model.resolved_device())
-        gen = HFGenerator(policy, tok.eos_token_id, tok.pad_token_id)
-        rollout = gen.generate(heldout.ids, n=n, temperature=r.temperature, top_p=r.top_p,
-                               max_new_tokens=r.max_new_tokens, seed=cfg.seed + 7)
-        ok, _ = verify_batch(response_texts(tok, rollout), [a for a in heldout.answers for _ in range(n)],
-                             cfg.reward.verifier_timeout_s)
+        rollout, _, ok = _Sampler(cfg, folder)(heldout.ids, refs, n, cfg.seed + 7)
         out[name] = {"accuracy": sum(ok) / max(1, len(ok)), "length": rollout.lengths.float().mean().item(),
                      "exceed_rate": rollout.truncated.float().mean().item(), "n": len(ok)}
     return out
