@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -247,6 +248,8 @@ def in_subprocess(cmd: list[str], log: Path, threads: int) -> None:
 
 # What an SFT policy depends on: a cached one is reused only when these are unchanged.
 SFT_KEYS = ("seed", "model", "data", "sft")
+# What a policy's sampled pass@1 depends on besides the policy and its seed.
+SAMPLING_KEYS = ("temperature", "top_p", "max_new_tokens")
 
 
 def _settings(config: str, overrides: list[str], keys: tuple[str, ...] | None = None) -> dict:
@@ -315,7 +318,7 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         sampled = done / "sampled.json"
         if not sampled.exists():
             spec = {"config": config, "threads": threads, "samples": samples,
-                    "overrides": [*extra, f"seed={seed}"], "models": {"sft": model, "final": str(done / "final")}}
+                    "overrides": [*extra, f"seed={seed}"], "models": {"final": str(done / "final")}}
             in_subprocess([sys.executable, "-m", "longcot.bench.paper_s4", "sampled", json.dumps(spec), str(sampled)],
                           folder / "sampled-log.txt", threads)
         rows = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
@@ -323,7 +326,33 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         return {"arm": arm.name, "seed": seed, "run_dir": str(done), "series": series_of(rows),
                 "evals": summary["evals"], "init_accuracy": summary["init_accuracy"],
                 "final_accuracy": summary["final_accuracy"], "rl_seconds": summary["rl_seconds"],
-                "sampled": json.loads(sampled.read_text())}
+                "sampled": {"sft": sft_sampled(seed, config, model), **json.loads(sampled.read_text())}}
+
+    sft_lock, sft_pass1 = threading.Lock(), {}
+
+    def sft_sampled(seed: int, config: str, model: str) -> dict:
+        # The SFT policy's pass@1 depends on its seed and the sampling settings only: made once
+        # per seed and budget (the tight arms share one, the long arms another), not per arm.
+        overrides = [*extra, f"seed={seed}"]
+        rollout = _settings(config, overrides, ("rollout",))["rollout"]
+        key = json.dumps({"model": model, "samples": samples, **{k: rollout[k] for k in SAMPLING_KEYS}},
+                         sort_keys=True)
+        with sft_lock:
+            entry = sft_pass1.setdefault(key, threading.Lock())
+        with entry:  # a second arm with this key waits for the first one's result
+            folder = out / "sft" / f"seed{seed}"
+            path = folder / f"sampled-{rollout['max_new_tokens']}.json"
+            if path.exists() and json.loads(path.read_text()).get("key") == key:
+                return json.loads(path.read_text())["sft"]
+            spec = {"config": config, "threads": threads, "samples": samples, "overrides": overrides,
+                    "models": {"sft": model}}
+            tmp = folder / f"sampled-{rollout['max_new_tokens']}.tmp.json"
+            in_subprocess([sys.executable, "-m", "longcot.bench.paper_s4", "sampled", json.dumps(spec), str(tmp)],
+                          folder / "sampled-log.txt", threads)
+            record = {"key": key, "sft": json.loads(tmp.read_text())["sft"]}
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.unlink()
+            return record["sft"]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
