@@ -194,14 +194,21 @@ def tradeoff(cfg, model_dir: Path, samples: int) -> dict:
         lens = [len(h) + n for h, n in zip(head_ids, cont.lengths.tolist())]
         forced[name] = {"accuracy": sum(ok) / max(1, len(ok)), "length": sum(lens) / max(1, len(lens)),
                         "n": len(ok)}
-    counts = [audit(t) for t in texts]
-    total = {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
-    lines = {"one_shot_wrong": total.get("lines_wrong", 0) / max(1, total.get("lines", 0)),
-             "check_wrong": total.get("checks_wrong", 0) / max(1, total.get("checks", 0)),
-             **total}
     return {"samples": len(texts), "accuracy": sum(correct) / max(1, len(correct)),
             "length": sum(lengths) / max(1, len(lengths)), "observed": observed, "forced": forced,
-            "lines": lines}
+            "lines": line_audit(texts)}
+
+
+def line_audit(texts: list[str]) -> dict:
+    """`addition_reflect.audit` summed over responses: how often their one-shot column lines and
+    their checks are wrong, and the share of responses that check."""
+    from longcot.engine.data.addition_reflect import audit
+
+    counts = [audit(t) for t in texts]
+    total = {k: sum(c[k] for c in counts) for k in counts[0]} if counts else {}
+    return {"one_shot_wrong": total.get("lines_wrong", 0) / max(1, total.get("lines", 0)),
+            "check_wrong": total.get("checks_wrong", 0) / max(1, total.get("checks", 0)),
+            "checking": sum(c["checks"] > 0 for c in counts) / max(1, len(counts)), **total}
 
 
 def sampled_job(spec: dict) -> dict:
@@ -217,9 +224,10 @@ def sampled_job(spec: dict) -> dict:
     n, out = spec["samples"], {}
     refs = [a for a in heldout.answers for _ in range(n)]
     for name, folder in spec["models"].items():
-        rollout, _, ok = _Sampler(cfg, folder)(heldout.ids, refs, n, cfg.seed + 7)
+        rollout, texts, ok = _Sampler(cfg, folder)(heldout.ids, refs, n, cfg.seed + 7)
         out[name] = {"accuracy": sum(ok) / max(1, len(ok)), "length": rollout.lengths.float().mean().item(),
-                     "exceed_rate": rollout.truncated.float().mean().item(), "n": len(ok)}
+                     "exceed_rate": rollout.truncated.float().mean().item(), "n": len(ok),
+                     "lines": line_audit(texts)}
     return out
 
 
@@ -250,6 +258,8 @@ def in_subprocess(cmd: list[str], log: Path, threads: int) -> None:
 SFT_KEYS = ("seed", "model", "data", "sft")
 # What a policy's sampled pass@1 depends on besides the policy and its seed.
 SAMPLING_KEYS = ("temperature", "top_p", "max_new_tokens")
+# What `line_audit` reports of each pass@1 sample set, in the table's order.
+AUDIT_KEYS = ("checking", "one_shot_wrong", "check_wrong")
 
 
 def _settings(config: str, overrides: list[str], keys: tuple[str, ...] | None = None) -> dict:
@@ -257,6 +267,12 @@ def _settings(config: str, overrides: list[str], keys: tuple[str, ...] | None = 
 
     d = load_config(config, overrides).to_dict()
     return {k: d[k] for k in keys} if keys else d
+
+
+def _current(path: Path, name: str) -> bool:
+    """Whether a saved pass@1 record exists and has every field the summary reads (one written
+    before the line audit is made again)."""
+    return path.exists() and "lines" in json.loads(path.read_text()).get(name, {})
 
 
 def _finished_run(folder: Path, settings: dict, shorter: bool = False) -> Path | None:
@@ -316,7 +332,7 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
             if done is None:
                 raise RuntimeError(f"{arm.name} seed {seed}: the run in {folder} left no summary.json")
         sampled = done / "sampled.json"
-        if not sampled.exists():
+        if not _current(sampled, "final"):
             spec = {"config": config, "threads": threads, "samples": samples,
                     "overrides": [*extra, f"seed={seed}"], "models": {"final": str(done / "final")}}
             in_subprocess([sys.executable, "-m", "longcot.bench.paper_s4", "sampled", json.dumps(spec), str(sampled)],
@@ -342,7 +358,7 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         with entry:  # a second arm with this key waits for the first one's result
             folder = out / "sft" / f"seed{seed}"
             path = folder / f"sampled-{rollout['max_new_tokens']}.json"
-            if path.exists() and json.loads(path.read_text()).get("key") == key:
+            if _current(path, "sft") and json.loads(path.read_text()).get("key") == key:
                 return json.loads(path.read_text())["sft"]
             spec = {"config": config, "threads": threads, "samples": samples, "overrides": overrides,
                     "models": {"sft": model}}
@@ -420,6 +436,10 @@ def summarize(raw: dict) -> dict:
         sampled = {k: _mean_sd([r["sampled"][k]["accuracy"] for r in runs]) for k in ("sft", "final")}
         sampled["gain"] = _mean_sd([r["sampled"]["final"]["accuracy"] - r["sampled"]["sft"]["accuracy"] for r in runs])
         sampled["final_length"] = _mean_sd([r["sampled"]["final"]["length"] for r in runs])
+        sampled["seed_gains"] = {str(r["seed"]): r["sampled"]["final"]["accuracy"] - r["sampled"]["sft"]["accuracy"]
+                                 for r in runs}
+        for key in AUDIT_KEYS:
+            sampled[key] = {k: _mean_sd([r["sampled"][k]["lines"][key] for r in runs]) for k in ("sft", "final")}
         by_step = [{e["step"]: e["accuracy"] for e in r["evals"]} for r in runs]
         eval_steps = sorted(set.intersection(*(set(b) for b in by_step)))
         evals = [_mean_sd([b[k] for b in by_step]) for k in eval_steps]
@@ -512,6 +532,15 @@ def table(summary: dict) -> str:
             f"| {_fmt(a['early']['exceed_rate'], True)} → {_fmt(a['late']['exceed_rate'], True)} "
             f"| {_fmt(a['early']['repetition_rate'], True)} → {_fmt(a['late']['repetition_rate'], True)} "
             f"| {_fmt(a['late']['reflections'], digits=2)} |")
+    lines += ["", "Per seed, pass@1 gain (points): " + "; ".join(
+        f"{a['label']} " + ", ".join(f"{100 * g:.1f}" for g in a["sampled"]["seed_gains"].values())
+        for a in summary["arms"].values()) + ".", "",
+        "The pass@1 samples, SFT → final (%): responses that check, one-shot lines wrong, checks wrong:", "",
+        "| arm | checking | one-shot line wrong | check wrong |", "|---|---|---|---|"]
+    for a in summary["arms"].values():
+        s = a["sampled"]
+        lines.append(f"| {a['label']} | " + " | ".join(
+            f"{_fmt(s[k]['sft'], True)} → {_fmt(s[k]['final'], True)}" for k in AUDIT_KEYS) + " |")
     lines += curves(summary)
     t = summary["tradeoff"]
     lines += ["", "SFT policy (held-out, temperature 0.7):", "",

@@ -66,6 +66,14 @@ def test_quick_run_writes_every_file(tmp_path, capsys):
         assert r["series"]["step"] == [1, 2]
         assert [e["step"] for e in r["evals"]] == [0, 1, 2]
         assert set(r["sampled"]) == {"sft", "final"}
+        assert set(paper_s4.AUDIT_KEYS) <= set(r["sampled"]["final"]["lines"])
+    # The SFT policy's pass@1 is made once per budget (tight and long), shared by the arms.
+    assert sorted(p.name for p in (out / "sft" / "seed0").glob("sampled-*.json")) == ["sampled-256.json",
+                                                                                      "sampled-64.json"]
+    by_budget = {}
+    for r in raw["runs"]:
+        by_budget.setdefault(r["arm"] in ("cosine_tight", "classic_tight"), []).append(r["sampled"]["sft"])
+    assert all(all(x == group[0] for x in group) for group in by_budget.values())
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {a.name for a in ARMS}
     assert set(summary["findings"]) == {"a", "b", "c", "d"}
@@ -75,7 +83,7 @@ def test_quick_run_writes_every_file(tmp_path, capsys):
                 "forced/with_reflection/accuracy", "one_shot_line_wrong", "check_line_wrong"):
         assert key in trade
     table = (out / "table.md").read_text()
-    assert all(a.label in table for a in ARMS) and "(d)" in table
+    assert all(a.label in table for a in ARMS) and "(d)" in table and "| arm | checking |" in table
     for name in (*paper_s4.FIGURES, "heldout_accuracy"):
         w, h = _png_size(out / "figures" / f"{name}.png")
         assert w > 100 and h > 100
@@ -91,3 +99,13 @@ def test_cli_rejects_bad_counts(capsys):
 
     with pytest.raises(SystemExit, match="--seeds"):
         main(["replicate", "s4", "--seeds", "0"])
+
+
+def test_line_audit_counts_checks_and_their_mistakes():
+    texts = ["6+7+3+8=23 c2\nwait 6+7=13 13+3=16 16+8=23 c2\n\\boxed{23}",  # a check copying the slip
+             "6+7+3+8=24 c2\n\\boxed{24}",
+             "1+2+3+4=11 c1\nwait 1+2=3 3+3=6 6+4=10 c1\n\\boxed{10}"]  # a slip caught
+    lines = paper_s4.line_audit(texts)
+    assert lines["checking"] == pytest.approx(2 / 3)
+    assert lines["one_shot_wrong"] == pytest.approx(2 / 3) and lines["check_wrong"] == pytest.approx(1 / 2)
+    assert (lines["lines"], lines["checks"]) == (3, 2)
