@@ -356,15 +356,16 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         with sft_lock:
             entry = sft_pass1.setdefault(key, threading.Lock())
         with entry:  # a second arm with this key waits for the first one's result
-            folder = out / "sft" / f"seed{seed}"
-            path = folder / f"sampled-{rollout['max_new_tokens']}.json"
+            folder, name = out / "sft" / f"seed{seed}", f"sampled-{rollout['max_new_tokens']}"
+            path = folder / f"{name}.json"
             if _current(path, "sft") and json.loads(path.read_text()).get("key") == key:
                 return json.loads(path.read_text())["sft"]
             spec = {"config": config, "threads": threads, "samples": samples, "overrides": overrides,
                     "models": {"sft": model}}
-            tmp = folder / f"sampled-{rollout['max_new_tokens']}.tmp.json"
+            tmp = folder / f"{name}.tmp.json"
+            # Each budget's own log: the tight and the long arms' samples may run at once.
             in_subprocess([sys.executable, "-m", "longcot.bench.paper_s4", "sampled", json.dumps(spec), str(tmp)],
-                          folder / "sampled-log.txt", threads)
+                          folder / f"{name}-log.txt", threads)
             record = {"key": key, "sft": json.loads(tmp.read_text())["sft"]}
             path.write_text(json.dumps(record, indent=2) + "\n")
             tmp.unlink()
