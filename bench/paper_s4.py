@@ -269,10 +269,10 @@ def _settings(config: str, overrides: list[str], keys: tuple[str, ...] | None = 
     return {k: d[k] for k in keys} if keys else d
 
 
-def _current(path: Path, name: str) -> bool:
-    """Whether a saved pass@1 record exists and has every field the summary reads (one written
-    before the line audit is made again)."""
-    return path.exists() and "lines" in json.loads(path.read_text()).get(name, {})
+def _current(path: Path) -> bool:
+    """Whether a run's saved pass@1 record exists and has every field the summary reads (one
+    written before the line audit is made again)."""
+    return path.exists() and "lines" in json.loads(path.read_text()).get("final", {})
 
 
 def _finished_run(folder: Path, settings: dict, shorter: bool = False) -> Path | None:
@@ -332,7 +332,7 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
             if done is None:
                 raise RuntimeError(f"{arm.name} seed {seed}: the run in {folder} left no summary.json")
         sampled = done / "sampled.json"
-        if not _current(sampled, "final"):
+        if not _current(sampled):
             spec = {"config": config, "threads": threads, "samples": samples,
                     "overrides": [*extra, f"seed={seed}"], "models": {"final": str(done / "final")}}
             in_subprocess([sys.executable, "-m", "longcot.bench.paper_s4", "sampled", json.dumps(spec), str(sampled)],
@@ -358,8 +358,9 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         with entry:  # a second arm with this key waits for the first one's result
             folder, name = out / "sft" / f"seed{seed}", f"sampled-{rollout['max_new_tokens']}"
             path = folder / f"{name}.json"
-            if _current(path, "sft") and json.loads(path.read_text()).get("key") == key:
-                return json.loads(path.read_text())["sft"]
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            if saved.get("key") == key and "lines" in saved["sft"]:
+                return saved["sft"]
             spec = {"config": config, "threads": threads, "samples": samples, "overrides": overrides,
                     "models": {"sft": model}}
             tmp = folder / f"{name}.tmp.json"
