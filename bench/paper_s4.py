@@ -342,9 +342,9 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         return {"arm": arm.name, "seed": seed, "run_dir": str(done), "series": series_of(rows),
                 "evals": summary["evals"], "init_accuracy": summary["init_accuracy"],
                 "final_accuracy": summary["final_accuracy"], "rl_seconds": summary["rl_seconds"],
-                "sampled": {"sft": sft_sampled(seed, config, model), **json.loads(sampled.read_text())}}
+                "sampled": {**json.loads(sampled.read_text()), "sft": sft_sampled(seed, config, model)}}
 
-    sft_lock, sft_pass1 = threading.Lock(), {}
+    sft_lock, sft_locks = threading.Lock(), {}
 
     def sft_sampled(seed: int, config: str, model: str) -> dict:
         # The SFT policy's pass@1 depends on its seed and the sampling settings only: made once
@@ -354,7 +354,7 @@ def run_experiment(out: Path, seeds: list[int], quick: bool, jobs: int, config_d
         key = json.dumps({"model": model, "samples": samples, **{k: rollout[k] for k in SAMPLING_KEYS}},
                          sort_keys=True)
         with sft_lock:
-            entry = sft_pass1.setdefault(key, threading.Lock())
+            entry = sft_locks.setdefault(key, threading.Lock())
         with entry:  # a second arm with this key waits for the first one's result
             folder, name = out / "sft" / f"seed{seed}", f"sampled-{rollout['max_new_tokens']}"
             path = folder / f"{name}.json"
